@@ -1,0 +1,1 @@
+//! HTTP admin API and Prometheus endpoint.

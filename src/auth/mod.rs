@@ -1,0 +1,1 @@
+//! Client-facing and upstream authentication.

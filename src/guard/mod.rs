@@ -1,0 +1,1 @@
+//! Admission control (see DESIGN.md, "Guard semantics").
