@@ -12,6 +12,7 @@ pub const SHED_TOTAL: &str = "pgsluice_shed_total";
 pub const CANCELS_TOTAL: &str = "pgsluice_cancels_total";
 pub const UPSTREAM_UP: &str = "pgsluice_upstream_up";
 pub const CIRCUIT_STATE: &str = "pgsluice_circuit_state";
+pub const SERVER_CONNECTS_TOTAL: &str = "pgsluice_server_connects_total";
 
 /// (name, help) for every metric, used to describe them to the exporter.
 pub const ALL: &[(&str, &str)] = &[
@@ -27,4 +28,18 @@ pub const ALL: &[(&str, &str)] = &[
     (CANCELS_TOTAL, "Cancels sent upstream, by cause (client_gone, client_request, query_timeout, idle_in_transaction)."),
     (UPSTREAM_UP, "1 when the upstream answered its latest health check."),
     (CIRCUIT_STATE, "Circuit breaker state: 0 closed, 1 half-open, 2 open."),
+    (SERVER_CONNECTS_TOTAL, "Upstream login attempts by pool and outcome (ok, error)."),
 ];
+
+/// Installs the Prometheus recorder once per process. (Interim.)
+pub fn install() -> metrics_exporter_prometheus::PrometheusHandle {
+    static H: std::sync::OnceLock<metrics_exporter_prometheus::PrometheusHandle> =
+        std::sync::OnceLock::new();
+    H.get_or_init(|| {
+        let r = metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder();
+        let h = r.handle();
+        let _ = metrics::set_global_recorder(r);
+        h
+    })
+    .clone()
+}
