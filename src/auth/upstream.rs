@@ -15,6 +15,19 @@ pub struct UpstreamStartup {
     pub params: Vec<(String, String)>,
     pub pid: i32,
     pub secret: i32,
+    /// How the server had us authenticate (for logs and diagnostics).
+    pub auth: UpstreamAuth,
+}
+
+/// The password exchange the server chose.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum UpstreamAuth {
+    /// No password asked (trust, peer, ...).
+    #[default]
+    None,
+    Cleartext,
+    Md5,
+    ScramSha256,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -128,6 +141,7 @@ pub async fn upstream_startup<S: AsyncRead + AsyncWrite + Unpin>(
                     3 => {
                         let pw = password.ok_or(UpstreamAuthError::PasswordRequired)?;
                         frontend::password_message(pw.as_bytes(), &mut buf)?;
+                        out.auth = UpstreamAuth::Cleartext;
                     }
                     5 => {
                         let pw = password.ok_or(UpstreamAuthError::PasswordRequired)?;
@@ -136,6 +150,7 @@ pub async fn upstream_startup<S: AsyncRead + AsyncWrite + Unpin>(
                             .map_err(|_| proto("bad MD5 salt length"))?;
                         let hash = md5_hash(user.as_bytes(), pw.as_bytes(), salt);
                         frontend::password_message(hash.as_bytes(), &mut buf)?;
+                        out.auth = UpstreamAuth::Md5;
                     }
                     10 => {
                         let pw = password.ok_or(UpstreamAuthError::PasswordRequired)?;
@@ -156,6 +171,7 @@ pub async fn upstream_startup<S: AsyncRead + AsyncWrite + Unpin>(
                             &mut buf,
                         )?;
                         scram = Some(s);
+                        out.auth = UpstreamAuth::ScramSha256;
                     }
                     11 => {
                         let s = scram
