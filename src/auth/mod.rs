@@ -1,9 +1,29 @@
-//! Client-facing and upstream authentication. (Interim: trust only; replaced by the full module.)
-use crate::protocol::{self, ProtocolError};
+//! Client-facing and upstream authentication.
+//!
+//! Client side: trust, md5 and SCRAM-SHA-256 against a users file. Upstream side: the proxy
+//! logs in to PostgreSQL with whatever method the server asks for (see [`upstream`]).
+
+pub mod md5;
+pub mod scram;
+pub mod upstream;
+pub mod users;
+pub mod verifier;
+
+#[cfg(test)]
+mod tests;
+
+pub use upstream::{upstream_startup, UpstreamAuth, UpstreamAuthError, UpstreamStartup};
+pub use users::{Secret, UserEntry, UserStore};
+pub use verifier::{scram_verifier_for, ScramVerifier};
+
+use crate::protocol::{self, ProtocolError, MAX_AUTH_MESSAGE_LEN};
 use bytes::BytesMut;
-use std::path::Path;
+use rand::RngCore;
+use sha2::{Digest, Sha256};
+use std::sync::OnceLock;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 
+/// How clients must prove who they are.
 #[derive(
     Clone, Copy, Debug, PartialEq, Eq, serde::Deserialize, serde::Serialize, clap::ValueEnum,
 )]
@@ -16,148 +36,179 @@ pub enum AuthMethod {
     ScramSha256,
 }
 
-#[derive(Clone, Default)]
-pub struct UserStore;
-pub struct UserEntry {
-    pub name: String,
-}
-impl UserEntry {
-    pub fn plain_password(&self) -> Option<&str> {
-        None
-    }
-}
-impl UserStore {
-    pub fn empty() -> Self {
-        UserStore
-    }
-    pub fn load(_path: &Path) -> Result<Self, String> {
-        Err("users file not supported yet".into())
-    }
-    pub fn get(&self, _user: &str) -> Option<&UserEntry> {
-        None
+impl AuthMethod {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AuthMethod::Trust => "trust",
+            AuthMethod::Md5 => "md5",
+            AuthMethod::ScramSha256 => "scram-sha-256",
+        }
     }
 }
 
 #[derive(Debug, thiserror::Error)]
 pub enum AuthError {
-    #[error("password authentication failed for user \"{0}\"")]
-    Failed(String),
-    #[error("{0}")]
-    Protocol(#[from] ProtocolError),
+    /// Wrong password or unknown user; deliberately indistinguishable.
+    #[error("password authentication failed for user \"{user}\"")]
+    PasswordFailed { user: String },
+    /// The stored secret cannot serve the configured method.
+    #[error("{method} authentication is not possible for user \"{user}\": {reason}")]
+    MethodUnavailable {
+        user: String,
+        method: &'static str,
+        reason: &'static str,
+    },
+    #[error("protocol violation during authentication: {0}")]
+    Protocol(String),
+    #[error("i/o during authentication: {0}")]
+    Io(#[from] std::io::Error),
 }
+
 impl AuthError {
     pub fn sqlstate(&self) -> &'static str {
         match self {
-            AuthError::Failed(_) => "28P01",
-            AuthError::Protocol(_) => "08P01",
+            AuthError::PasswordFailed { .. } => "28P01",
+            AuthError::MethodUnavailable { .. } => "28000",
+            AuthError::Protocol(_) | AuthError::Io(_) => "08P01",
         }
     }
+
+    /// Text for the client's ErrorResponse (PostgreSQL's wording where one exists).
     pub fn client_message(&self) -> String {
-        self.to_string()
+        match self {
+            AuthError::Protocol(m) => m.clone(),
+            AuthError::Io(_) => "connection lost during authentication".into(),
+            other => other.to_string(),
+        }
+    }
+
+    /// True when the client simply went away: nothing to send, nothing worth a warning.
+    pub fn is_disconnect(&self) -> bool {
+        matches!(self, AuthError::Io(_))
     }
 }
 
+impl From<ProtocolError> for AuthError {
+    fn from(e: ProtocolError) -> Self {
+        match e {
+            ProtocolError::Io(io) => AuthError::Io(io),
+            other => AuthError::Protocol(other.to_string()),
+        }
+    }
+}
+
+/// Writes an Authentication request ('R') and flushes it.
+pub(crate) async fn send_auth<S: AsyncWrite + Unpin>(
+    stream: &mut S,
+    code: i32,
+    payload: &[u8],
+) -> Result<(), AuthError> {
+    let mut buf = BytesMut::with_capacity(9 + payload.len());
+    protocol::authentication(&mut buf, code, payload);
+    stream.write_all(&buf).await?;
+    stream.flush().await?;
+    Ok(())
+}
+
+/// Reads the client's next authentication message, which must be a 'p' message.
+pub(crate) async fn read_client_response<S: AsyncRead + Unpin>(
+    stream: &mut S,
+) -> Result<BytesMut, AuthError> {
+    let (tag, body) = protocol::read_message(stream, MAX_AUTH_MESSAGE_LEN).await?;
+    if tag != b'p' {
+        return Err(AuthError::Protocol(format!(
+            "expected a password response, got message type '{}'",
+            char::from(tag).escape_default()
+        )));
+    }
+    Ok(body)
+}
+
+/// Process-wide random key so stand-in salts for unknown users are stable per name (a salt
+/// that changed on every attempt would reveal that the user does not exist) yet unguessable.
+fn mock_key() -> &'static [u8; 32] {
+    static KEY: OnceLock<[u8; 32]> = OnceLock::new();
+    KEY.get_or_init(|| {
+        let mut k = [0u8; 32];
+        rand::thread_rng().fill_bytes(&mut k);
+        k
+    })
+}
+
+/// A verifier for a user that does not exist: a real verifier of a random password (so
+/// checking a proof costs the same), with a per-name stable salt.
+fn mock_scram_verifier(user: &str) -> ScramVerifier {
+    static BASE: OnceLock<ScramVerifier> = OnceLock::new();
+    let base = BASE.get_or_init(|| {
+        let mut pw = [0u8; 32];
+        rand::thread_rng().fill_bytes(&mut pw);
+        // One iteration: only the keys matter, the advertised count is set below.
+        ScramVerifier::from_password(&md5::hex(&pw), b"stand-in", 1)
+    });
+    let mut salt = Sha256::new();
+    salt.update(mock_key());
+    salt.update(b"scram");
+    salt.update(user.as_bytes());
+    let mut v = base.clone();
+    v.iterations = verifier::DEFAULT_ITERATIONS;
+    v.salt = salt.finalize()[..verifier::DEFAULT_SALT_LEN].to_vec();
+    v
+}
+
+fn mock_md5_hash(user: &str) -> String {
+    let mut h = Sha256::new();
+    h.update(mock_key());
+    h.update(b"md5");
+    h.update(user.as_bytes());
+    md5::md5_stored(&md5::hex(&h.finalize()), user)
+}
+
+/// Runs the client-facing authentication exchange right after the StartupMessage. Writes the
+/// authentication requests and reads the client's responses; it does NOT write
+/// AuthenticationOk nor the ErrorResponse: the caller does, from the returned error.
+/// An unknown user goes through the same exchange as a known one and fails the same way.
 pub async fn authenticate_client<S: AsyncRead + AsyncWrite + Unpin>(
-    _stream: &mut S,
+    stream: &mut S,
     method: AuthMethod,
     user: &str,
-    _users: &UserStore,
+    users: &UserStore,
 ) -> Result<(), AuthError> {
-    match method {
-        AuthMethod::Trust => Ok(()),
-        _ => Err(AuthError::Failed(user.to_string())),
-    }
-}
-
-pub mod upstream {
-    use super::*;
-    pub struct UpstreamStartup {
-        pub params: Vec<(String, String)>,
-        pub pid: i32,
-        pub secret: i32,
-    }
-    #[derive(Debug, thiserror::Error)]
-    pub enum UpstreamAuthError {
-        #[error("{0}")]
-        Io(#[from] std::io::Error),
-        #[error("{severity}: {message} ({code})")]
-        Server {
-            code: String,
-            message: String,
-            severity: String,
+    let entry = users.get(user);
+    let unavailable = |method, reason| AuthError::MethodUnavailable {
+        user: user.to_owned(),
+        method,
+        reason,
+    };
+    let passed = match method {
+        AuthMethod::Trust => return Ok(()),
+        AuthMethod::ScramSha256 => match entry {
+            None => scram::authenticate(stream, &mock_scram_verifier(user), false).await?,
+            Some(e) => match e.scram_verifier() {
+                Some(v) => scram::authenticate(stream, v, true).await?,
+                None => {
+                    return Err(unavailable(
+                        "SCRAM-SHA-256",
+                        "the stored password is an MD5 hash",
+                    ))
+                }
+            },
         },
-        #[error("protocol: {0}")]
-        Protocol(String),
-        #[error("password required")]
-        PasswordRequired,
-        #[error("unsupported method {0}")]
-        UnsupportedMethod(String),
+        AuthMethod::Md5 => match entry {
+            None => md5::authenticate(stream, &mock_md5_hash(user), false).await?,
+            Some(e) => match (e.md5_hash(), e.scram_verifier()) {
+                (Some(h), _) => md5::authenticate(stream, &h, true).await?,
+                // As in PostgreSQL: with only a SCRAM verifier stored, "md5" runs SCRAM,
+                // since an MD5 response cannot be checked against a verifier.
+                (None, Some(v)) => scram::authenticate(stream, v, true).await?,
+                (None, None) => return Err(unavailable("MD5", "no usable stored password")),
+            },
+        },
+    };
+    if passed {
+        Ok(())
+    } else {
+        Err(AuthError::PasswordFailed {
+            user: user.to_owned(),
+        })
     }
-    impl From<ProtocolError> for UpstreamAuthError {
-        fn from(e: ProtocolError) -> Self {
-            match e {
-                ProtocolError::Io(e) => UpstreamAuthError::Io(e),
-                e => UpstreamAuthError::Protocol(e.to_string()),
-            }
-        }
-    }
-    pub async fn upstream_startup<S: AsyncRead + AsyncWrite + Unpin>(
-        stream: &mut S,
-        params: &[(&str, &str)],
-        password: Option<&str>,
-    ) -> Result<UpstreamStartup, UpstreamAuthError> {
-        let mut buf = BytesMut::new();
-        protocol::startup_message(&mut buf, params);
-        stream.write_all(&buf).await?;
-        let mut out = UpstreamStartup {
-            params: vec![],
-            pid: 0,
-            secret: 0,
-        };
-        loop {
-            let (tag, body) = protocol::read_message(stream, 1 << 20).await?;
-            match tag {
-                b'R' => {
-                    let code = i32::from_be_bytes([body[0], body[1], body[2], body[3]]);
-                    match code {
-                        0 => {}
-                        3 => {
-                            let pw = password.ok_or(UpstreamAuthError::PasswordRequired)?;
-                            let mut m = BytesMut::new();
-                            m.extend_from_slice(b"p");
-                            m.extend_from_slice(&((pw.len() + 5) as i32).to_be_bytes());
-                            m.extend_from_slice(pw.as_bytes());
-                            m.extend_from_slice(&[0]);
-                            stream.write_all(&m).await?;
-                        }
-                        c => return Err(UpstreamAuthError::UnsupportedMethod(c.to_string())),
-                    }
-                }
-                b'S' => {
-                    let (k, rest) = protocol::startup::take_cstr(&body)?;
-                    let (v, _) = protocol::startup::take_cstr(rest)?;
-                    out.params.push((k.into(), v.into()));
-                }
-                b'K' => {
-                    out.pid = i32::from_be_bytes([body[0], body[1], body[2], body[3]]);
-                    out.secret = i32::from_be_bytes([body[4], body[5], body[6], body[7]]);
-                }
-                b'Z' => return Ok(out),
-                b'E' => {
-                    let f = protocol::parse_error_fields(&body);
-                    return Err(UpstreamAuthError::Server {
-                        code: f.code,
-                        message: f.message,
-                        severity: f.severity,
-                    });
-                }
-                _ => {}
-            }
-        }
-    }
-}
-
-/// Interim.
-pub fn scram_verifier_for(_password: &str) -> String {
-    String::new()
 }
