@@ -180,6 +180,11 @@ impl<T> Core<T> {
         self.cfg.max_active
     }
 
+    #[cfg(test)]
+    pub(crate) fn next_id_for_tests(&self) -> u64 {
+        self.next_id
+    }
+
     pub(crate) fn is_paused(&self) -> bool {
         self.paused
     }
