@@ -144,8 +144,7 @@ async fn password_auth_methods() {
         let wrong = pg.url_for("postgres", Some("nope"), "postgres");
         let err = try_connect(&wrong)
             .await
-            .err()
-            .expect("wrong password accepted");
+            .expect_err("wrong password accepted");
         assert_eq!(
             err.code(),
             Some(&tokio_postgres::error::SqlState::INVALID_PASSWORD),
