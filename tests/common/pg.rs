@@ -82,12 +82,25 @@ pub fn bindir() -> &'static Path {
             }
         }
         let path = std::env::var_os("PATH").unwrap_or_default();
-        for dir in std::env::split_paths(&path) {
+        let mut candidates: Vec<PathBuf> = std::env::split_paths(&path).collect();
+        // Debian keeps server programs off PATH, one directory per major version; newest first.
+        let mut versioned: Vec<PathBuf> = fs::read_dir("/usr/lib/postgresql")
+            .map(|rd| rd.filter_map(|e| Some(e.ok()?.path().join("bin"))).collect())
+            .unwrap_or_default();
+        versioned.sort_by_key(|p| {
+            let v = p.parent().and_then(|d| d.file_name()).and_then(|n| n.to_str());
+            std::cmp::Reverse(v.and_then(|v| v.parse::<u32>().ok()).unwrap_or(0))
+        });
+        candidates.extend(versioned);
+        for dir in candidates {
             if dir.join("initdb").exists() && dir.join("pg_ctl").exists() {
                 return dir;
             }
         }
-        panic!("PostgreSQL server programs (initdb, pg_ctl) not found via pg_config or PATH");
+        panic!(
+            "PostgreSQL server programs (initdb, pg_ctl) not found via pg_config, PATH \
+             or /usr/lib/postgresql/*/bin"
+        );
     })
 }
 
