@@ -85,10 +85,16 @@ pub fn bindir() -> &'static Path {
         let mut candidates: Vec<PathBuf> = std::env::split_paths(&path).collect();
         // Debian keeps server programs off PATH, one directory per major version; newest first.
         let mut versioned: Vec<PathBuf> = fs::read_dir("/usr/lib/postgresql")
-            .map(|rd| rd.filter_map(|e| Some(e.ok()?.path().join("bin"))).collect())
+            .map(|rd| {
+                rd.filter_map(|e| Some(e.ok()?.path().join("bin")))
+                    .collect()
+            })
             .unwrap_or_default();
         versioned.sort_by_key(|p| {
-            let v = p.parent().and_then(|d| d.file_name()).and_then(|n| n.to_str());
+            let v = p
+                .parent()
+                .and_then(|d| d.file_name())
+                .and_then(|n| n.to_str());
             std::cmp::Reverse(v.and_then(|v| v.parse::<u32>().ok()).unwrap_or(0))
         });
         candidates.extend(versioned);
