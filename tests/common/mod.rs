@@ -3,7 +3,9 @@
 #![allow(dead_code)]
 
 pub mod pg;
+pub mod proxy;
 pub mod shim;
 
 pub use pg::{connect, try_connect, HostAuth, TempPostgres};
+pub use proxy::TestProxy;
 pub use shim::{FaultShim, Mode};
