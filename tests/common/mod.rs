@@ -7,5 +7,6 @@ pub mod proxy;
 pub mod shim;
 
 pub use pg::{connect, try_connect, HostAuth, TempPostgres};
+#[allow(unused_imports)]
 pub use proxy::TestProxy;
 pub use shim::{FaultShim, Mode};
