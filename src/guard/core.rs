@@ -5,18 +5,16 @@ use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use metrics::{Counter, Gauge, Histogram};
+use metrics::Gauge;
 
 use super::breaker::{Breaker, Pass};
 use super::cohort::Cohorts;
 use super::config::GuardConfig;
+use super::fair::{self, ident_entry, Ident};
+use super::pools::{pool_entry, Pool};
 use super::snapshot::{GuardSnapshot, IdentitySnapshot, PoolSnapshot};
 use super::types::{AdmitRequest, CircuitState, Shed, ShedReason};
 use crate::metrics as names;
-
-/// Idle identities are forgotten once this many are known, so arbitrary
-/// `application_name`s cannot grow the table without bound.
-const MAX_IDENTITIES: usize = 4096;
 
 /// A slot handed to a query.
 #[derive(Debug, Clone)]
@@ -58,89 +56,6 @@ struct Waiter<T> {
     expires: Instant,
     in_tx: bool,
     probe: bool,
-}
-
-struct Ident {
-    weight: u32,
-    active: usize,
-    queue: VecDeque<u64>,
-    admitted_total: u64,
-    shed_total: u64,
-}
-
-struct PoolMetrics {
-    active: Gauge,
-    queued: Gauge,
-    limit: Gauge,
-    wait: Histogram,
-    shed: [Counter; 6],
-}
-
-impl PoolMetrics {
-    fn new(pool: &str) -> Self {
-        let label = || ("pool", pool.to_string());
-        let shed = ShedReason::ALL.map(|r| {
-            metrics::counter!(names::SHED_TOTAL, "pool" => pool.to_string(), "reason" => r.as_str())
-        });
-        PoolMetrics {
-            active: metrics::gauge!(names::ACTIVE_QUERIES, &[label()]),
-            queued: metrics::gauge!(names::QUEUE_DEPTH, &[label()]),
-            limit: metrics::gauge!(names::CONCURRENCY_LIMIT, &[label()]),
-            wait: metrics::histogram!(names::QUEUE_WAIT_SECONDS, &[label()]),
-            shed,
-        }
-    }
-}
-
-struct Pool {
-    active: usize,
-    queued: usize,
-    m: PoolMetrics,
-}
-
-fn pool_entry<'a>(
-    pools: &'a mut HashMap<Arc<str>, Pool>,
-    name: &Arc<str>,
-    limit: usize,
-) -> &'a mut Pool {
-    if !pools.contains_key(&**name) {
-        let m = PoolMetrics::new(name);
-        m.limit.set(limit as f64);
-        pools.insert(
-            name.clone(),
-            Pool {
-                active: 0,
-                queued: 0,
-                m,
-            },
-        );
-    }
-    pools.get_mut(&**name).expect("pool entry just ensured")
-}
-
-fn ident_entry<'a>(
-    idents: &'a mut HashMap<Arc<str>, Ident>,
-    name: &Arc<str>,
-    cfg: &GuardConfig,
-) -> &'a mut Ident {
-    if !idents.contains_key(&**name) {
-        if idents.len() >= MAX_IDENTITIES {
-            idents.retain(|k, i| {
-                i.active > 0 || !i.queue.is_empty() || cfg.shares.contains_key(&**k)
-            });
-        }
-        let ident = Ident {
-            weight: cfg.weight_of(name),
-            active: 0,
-            queue: VecDeque::new(),
-            admitted_total: 0,
-            shed_total: 0,
-        };
-        idents.insert(name.clone(), ident);
-    }
-    idents
-        .get_mut(&**name)
-        .expect("identity entry just ensured")
 }
 
 /// Admission state of one upstream. `T` is what a waiter is woken with (a channel sender
@@ -298,6 +213,7 @@ impl<T> Core<T> {
         p.m.queued.set(p.queued as f64);
         let ident = ident_entry(&mut self.idents, &req.identity, &self.cfg);
         if req.in_transaction {
+            ident.tx_queued += 1;
             self.tx_queue.push_back(id);
         } else {
             if ident.queue.is_empty() {
@@ -475,31 +391,7 @@ impl<T> Core<T> {
     }
 
     fn pick_normal(&self, now: Instant) -> Option<u64> {
-        let lifo = self.standing(now);
-        let mut best: Option<(&Ident, u64)> = None;
-        for name in &self.backlogged {
-            let Some(i) = self.idents.get(&**name) else {
-                continue;
-            };
-            let cand = if lifo {
-                i.queue.back()
-            } else {
-                i.queue.front()
-            };
-            let Some(&cand) = cand else { continue };
-            let better = match best {
-                None => true,
-                Some((b, bid)) => {
-                    let lhs = i.active as u128 * b.weight as u128;
-                    let rhs = b.active as u128 * i.weight as u128;
-                    lhs < rhs || (lhs == rhs && if lifo { cand > bid } else { cand < bid })
-                }
-            };
-            if better {
-                best = Some((i, cand));
-            }
-        }
-        best.map(|(_, id)| id)
+        fair::pick(&self.backlogged, &self.idents, self.standing(now))
     }
 
     fn due_reason(&self, w: &Waiter<T>, now: Instant) -> Option<ShedReason> {
@@ -539,6 +431,9 @@ impl<T> Core<T> {
         if w.in_tx {
             if let Some(pos) = self.tx_queue.iter().position(|&x| x == id) {
                 self.tx_queue.remove(pos);
+            }
+            if let Some(i) = self.idents.get_mut(&*w.identity) {
+                i.tx_queued = i.tx_queued.saturating_sub(1);
             }
         } else {
             if let Some(i) = self.idents.get_mut(&*w.identity) {
@@ -644,7 +539,7 @@ impl<T> Core<T> {
             .map(|(k, i)| {
                 let s = IdentitySnapshot {
                     active: i.active,
-                    queued: i.queue.len(),
+                    queued: i.queue.len() + i.tx_queued,
                     weight: i.weight,
                     admitted_total: i.admitted_total,
                     shed_total: i.shed_total,

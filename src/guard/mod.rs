@@ -48,6 +48,8 @@ mod breaker;
 mod cohort;
 mod config;
 mod core;
+mod fair;
+mod pools;
 mod snapshot;
 mod types;
 
