@@ -121,7 +121,7 @@ impl Breaker {
 
     fn open(&mut self, now: Instant) {
         self.state = State::Open {
-            until: now + self.cooldown,
+            until: super::core::later(now, self.cooldown),
         };
     }
 

@@ -16,6 +16,14 @@ use super::snapshot::{GuardSnapshot, IdentitySnapshot, PoolSnapshot};
 use super::types::{AdmitRequest, CircuitState, Shed, ShedReason};
 use crate::metrics as names;
 
+/// `t + d`, saturating far in the future instead of overflowing on absurd settings.
+pub(crate) fn later(t: Instant, d: Duration) -> Instant {
+    const FAR: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
+    t.checked_add(d.min(FAR))
+        .or_else(|| t.checked_add(Duration::from_secs(24 * 3600)))
+        .unwrap_or(t)
+}
+
 /// A slot handed to a query.
 #[derive(Debug, Clone)]
 pub(crate) struct Grant {
@@ -193,7 +201,7 @@ impl<T> Core<T> {
                 return Admission::Shed(self.shed_arrival(&req, ShedReason::QueueFull));
             }
         }
-        let mut expires = now + self.cfg.queue_timeout;
+        let mut expires = later(now, self.cfg.queue_timeout);
         if let Some(d) = req.deadline {
             expires = expires.min(d);
         }
@@ -414,8 +422,8 @@ impl<T> Core<T> {
     fn wake_at(&self, w: &Waiter<T>) -> Instant {
         match self.nonempty_since {
             Some(since) if !w.in_tx && !self.paused => {
-                let codel =
-                    (since + self.cfg.codel_interval).max(w.enqueued + self.cfg.codel_target);
+                let codel = later(since, self.cfg.codel_interval)
+                    .max(later(w.enqueued, self.cfg.codel_target));
                 codel.min(w.expires)
             }
             _ => w.expires,

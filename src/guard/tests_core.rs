@@ -484,3 +484,29 @@ fn shed_text_and_codes() {
     assert_eq!(ShedReason::Paused.sqlstate(), "57P03");
     assert_eq!(ShedReason::StandingQueue.as_str(), "standing_queue");
 }
+
+#[test]
+fn absurd_durations_do_not_overflow() {
+    let mut c = cfg(1);
+    c.queue_timeout = Duration::MAX;
+    c.codel_interval = Duration::MAX;
+    c.codel_target = Duration::MAX;
+    c.cohort_rotation = Duration::ZERO;
+    c.cohorts = 0;
+    c.breaker.failure_threshold = 0;
+    c.breaker.base_cooldown = Duration::MAX;
+    c.breaker.max_cooldown = Duration::MAX;
+    let mut s = Sim::new(c);
+    let g = s.must_grant(req("a", 0));
+    s.must_queue(req("a", 1), 1);
+    s.advance(Duration::from_secs(3600));
+    s.expire();
+    assert!(s.drain().is_empty());
+    s.core.record_failure(s.now, &mut s.out);
+    assert!(matches!(s.drain()[0].1, Err(ShedReason::CircuitOpen)));
+    s.release(&g);
+    assert!(matches!(
+        s.admit(req("a", 2), 2),
+        Got::Shed(ShedReason::CircuitOpen)
+    ));
+}
