@@ -5,18 +5,24 @@ use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use metrics::{Counter, Gauge, Histogram};
+use metrics::Gauge;
 
 use super::breaker::{Breaker, Pass};
 use super::cohort::Cohorts;
 use super::config::GuardConfig;
+use super::fair::{self, ident_entry, Ident};
+use super::pools::{pool_entry, Pool};
 use super::snapshot::{GuardSnapshot, IdentitySnapshot, PoolSnapshot};
 use super::types::{AdmitRequest, CircuitState, Shed, ShedReason};
 use crate::metrics as names;
 
-/// Idle identities are forgotten once this many are known, so arbitrary
-/// `application_name`s cannot grow the table without bound.
-const MAX_IDENTITIES: usize = 4096;
+/// `t + d`, saturating far in the future instead of overflowing on absurd settings.
+pub(crate) fn later(t: Instant, d: Duration) -> Instant {
+    const FAR: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
+    t.checked_add(d.min(FAR))
+        .or_else(|| t.checked_add(Duration::from_secs(24 * 3600)))
+        .unwrap_or(t)
+}
 
 /// A slot handed to a query.
 #[derive(Debug, Clone)]
@@ -34,7 +40,10 @@ pub(crate) enum Admission {
     Granted(Grant),
     Shed(Shed),
     /// Waiting as `id`; look again (`check`) at `wake_at` if nothing arrives earlier.
-    Queued { id: u64, wake_at: Instant },
+    Queued {
+        id: u64,
+        wake_at: Instant,
+    },
 }
 
 /// A waiter's final outcome, to be delivered once the core's lock is released.
@@ -55,74 +64,6 @@ struct Waiter<T> {
     expires: Instant,
     in_tx: bool,
     probe: bool,
-}
-
-struct Ident {
-    weight: u32,
-    active: usize,
-    queue: VecDeque<u64>,
-    admitted_total: u64,
-    shed_total: u64,
-}
-
-struct PoolMetrics {
-    active: Gauge,
-    queued: Gauge,
-    limit: Gauge,
-    wait: Histogram,
-    shed: [Counter; 6],
-}
-
-impl PoolMetrics {
-    fn new(pool: &str) -> Self {
-        let label = || ("pool", pool.to_string());
-        let shed = ShedReason::ALL.map(|r| {
-            metrics::counter!(names::SHED_TOTAL, "pool" => pool.to_string(), "reason" => r.as_str())
-        });
-        PoolMetrics {
-            active: metrics::gauge!(names::ACTIVE_QUERIES, &[label()]),
-            queued: metrics::gauge!(names::QUEUE_DEPTH, &[label()]),
-            limit: metrics::gauge!(names::CONCURRENCY_LIMIT, &[label()]),
-            wait: metrics::histogram!(names::QUEUE_WAIT_SECONDS, &[label()]),
-            shed,
-        }
-    }
-}
-
-struct Pool {
-    active: usize,
-    queued: usize,
-    m: PoolMetrics,
-}
-
-fn pool_entry<'a>(pools: &'a mut HashMap<Arc<str>, Pool>, name: &Arc<str>, limit: usize) -> &'a mut Pool {
-    if !pools.contains_key(&**name) {
-        let m = PoolMetrics::new(name);
-        m.limit.set(limit as f64);
-        pools.insert(name.clone(), Pool { active: 0, queued: 0, m });
-    }
-    pools.get_mut(&**name).expect("pool entry just ensured")
-}
-
-fn ident_entry<'a>(
-    idents: &'a mut HashMap<Arc<str>, Ident>,
-    name: &Arc<str>,
-    cfg: &GuardConfig,
-) -> &'a mut Ident {
-    if !idents.contains_key(&**name) {
-        if idents.len() >= MAX_IDENTITIES {
-            idents.retain(|k, i| i.active > 0 || !i.queue.is_empty() || cfg.shares.contains_key(&**k));
-        }
-        let ident = Ident {
-            weight: cfg.weight_of(name),
-            active: 0,
-            queue: VecDeque::new(),
-            admitted_total: 0,
-            shed_total: 0,
-        };
-        idents.insert(name.clone(), ident);
-    }
-    idents.get_mut(&**name).expect("identity entry just ensured")
 }
 
 /// Admission state of one upstream. `T` is what a waiter is woken with (a channel sender
@@ -148,7 +89,8 @@ pub(crate) struct Core<T> {
 
 impl<T> Core<T> {
     pub(crate) fn new(cfg: GuardConfig, now: Instant) -> Self {
-        let circuit_gauge = metrics::gauge!(names::CIRCUIT_STATE, "upstream" => cfg.upstream.clone());
+        let circuit_gauge =
+            metrics::gauge!(names::CIRCUIT_STATE, "upstream" => cfg.upstream.clone());
         circuit_gauge.set(CircuitState::Closed.as_gauge());
         Core {
             cohorts: Cohorts::new(cfg.cohorts, cfg.cohort_rotation, now),
@@ -197,7 +139,12 @@ impl<T> Core<T> {
                 .is_some_and(|t| now.saturating_duration_since(t) >= self.cfg.codel_interval)
     }
 
-    pub(crate) fn admit(&mut self, req: AdmitRequest, now: Instant, payload: impl FnOnce() -> T) -> Admission {
+    pub(crate) fn admit(
+        &mut self,
+        req: AdmitRequest,
+        now: Instant,
+        payload: impl FnOnce() -> T,
+    ) -> Admission {
         let probe = match self.breaker.pass(now) {
             Pass::No => {
                 self.sync_circuit_gauge(now);
@@ -218,11 +165,22 @@ impl<T> Core<T> {
         result
     }
 
-    fn admit_inner(&mut self, req: AdmitRequest, now: Instant, probe: bool, payload: impl FnOnce() -> T) -> Admission {
+    fn admit_inner(
+        &mut self,
+        req: AdmitRequest,
+        now: Instant,
+        probe: bool,
+        payload: impl FnOnce() -> T,
+    ) -> Admission {
         let limit = self.cfg.max_active;
         if req.in_transaction {
             if self.active < limit && self.tx_queue.is_empty() {
-                return Admission::Granted(self.grant_counts(req.pool, req.identity, Duration::ZERO, probe));
+                return Admission::Granted(self.grant_counts(
+                    req.pool,
+                    req.identity,
+                    Duration::ZERO,
+                    probe,
+                ));
             }
         } else {
             let mid_request = req
@@ -232,13 +190,18 @@ impl<T> Core<T> {
                 return Admission::Shed(self.shed_arrival(&req, ShedReason::Cohort));
             }
             if !self.paused && self.active < limit && self.waiters.is_empty() {
-                return Admission::Granted(self.grant_counts(req.pool, req.identity, Duration::ZERO, probe));
+                return Admission::Granted(self.grant_counts(
+                    req.pool,
+                    req.identity,
+                    Duration::ZERO,
+                    probe,
+                ));
             }
             if self.normal_queued >= self.cfg.max_queue {
                 return Admission::Shed(self.shed_arrival(&req, ShedReason::QueueFull));
             }
         }
-        let mut expires = now + self.cfg.queue_timeout;
+        let mut expires = later(now, self.cfg.queue_timeout);
         if let Some(d) = req.deadline {
             expires = expires.min(d);
         }
@@ -258,6 +221,7 @@ impl<T> Core<T> {
         p.m.queued.set(p.queued as f64);
         let ident = ident_entry(&mut self.idents, &req.identity, &self.cfg);
         if req.in_transaction {
+            ident.tx_queued += 1;
             self.tx_queue.push_back(id);
         } else {
             if ident.queue.is_empty() {
@@ -302,7 +266,12 @@ impl<T> Core<T> {
 
     /// Look at one waiter on its timer: shed it if due, else say when to look again.
     /// `None` means it is no longer waiting.
-    pub(crate) fn check(&mut self, id: u64, now: Instant, out: &mut Vec<Completion<T>>) -> Option<Instant> {
+    pub(crate) fn check(
+        &mut self,
+        id: u64,
+        now: Instant,
+        out: &mut Vec<Completion<T>>,
+    ) -> Option<Instant> {
         let w = self.waiters.get(&id)?;
         if let Some(reason) = self.due_reason(w, now) {
             self.shed_waiter(id, reason, now, out);
@@ -376,7 +345,12 @@ impl<T> Core<T> {
 
     /// Live reload: nobody queued or running is dropped; a lower limit is reached as
     /// running queries finish. Waiters keep the timeout they were given.
-    pub(crate) fn update_config(&mut self, cfg: GuardConfig, now: Instant, out: &mut Vec<Completion<T>>) {
+    pub(crate) fn update_config(
+        &mut self,
+        cfg: GuardConfig,
+        now: Instant,
+        out: &mut Vec<Completion<T>>,
+    ) {
         for (name, ident) in self.idents.iter_mut() {
             ident.weight = cfg.weight_of(name);
         }
@@ -425,25 +399,7 @@ impl<T> Core<T> {
     }
 
     fn pick_normal(&self, now: Instant) -> Option<u64> {
-        let lifo = self.standing(now);
-        let mut best: Option<(&Ident, u64)> = None;
-        for name in &self.backlogged {
-            let Some(i) = self.idents.get(&**name) else { continue };
-            let cand = if lifo { i.queue.back() } else { i.queue.front() };
-            let Some(&cand) = cand else { continue };
-            let better = match best {
-                None => true,
-                Some((b, bid)) => {
-                    let lhs = i.active as u128 * b.weight as u128;
-                    let rhs = b.active as u128 * i.weight as u128;
-                    lhs < rhs || (lhs == rhs && if lifo { cand > bid } else { cand < bid })
-                }
-            };
-            if better {
-                best = Some((i, cand));
-            }
-        }
-        best.map(|(_, id)| id)
+        fair::pick(&self.backlogged, &self.idents, self.standing(now))
     }
 
     fn due_reason(&self, w: &Waiter<T>, now: Instant) -> Option<ShedReason> {
@@ -454,7 +410,10 @@ impl<T> Core<T> {
                 ShedReason::QueueTimeout
             });
         }
-        if !w.in_tx && self.standing(now) && now.saturating_duration_since(w.enqueued) >= self.cfg.codel_target {
+        if !w.in_tx
+            && self.standing(now)
+            && now.saturating_duration_since(w.enqueued) >= self.cfg.codel_target
+        {
             return Some(ShedReason::StandingQueue);
         }
         None
@@ -463,7 +422,8 @@ impl<T> Core<T> {
     fn wake_at(&self, w: &Waiter<T>) -> Instant {
         match self.nonempty_since {
             Some(since) if !w.in_tx && !self.paused => {
-                let codel = (since + self.cfg.codel_interval).max(w.enqueued + self.cfg.codel_target);
+                let codel = later(since, self.cfg.codel_interval)
+                    .max(later(w.enqueued, self.cfg.codel_target));
                 codel.min(w.expires)
             }
             _ => w.expires,
@@ -479,6 +439,9 @@ impl<T> Core<T> {
         if w.in_tx {
             if let Some(pos) = self.tx_queue.iter().position(|&x| x == id) {
                 self.tx_queue.remove(pos);
+            }
+            if let Some(i) = self.idents.get_mut(&*w.identity) {
+                i.tx_queued = i.tx_queued.saturating_sub(1);
             }
         } else {
             if let Some(i) = self.idents.get_mut(&*w.identity) {
@@ -497,7 +460,13 @@ impl<T> Core<T> {
         Some(w)
     }
 
-    fn grant_counts(&mut self, pool: Arc<str>, identity: Arc<str>, waited: Duration, probe: bool) -> Grant {
+    fn grant_counts(
+        &mut self,
+        pool: Arc<str>,
+        identity: Arc<str>,
+        waited: Duration,
+        probe: bool,
+    ) -> Grant {
         self.active += 1;
         let p = pool_entry(&mut self.pools, &pool, self.cfg.max_active);
         p.active += 1;
@@ -514,7 +483,13 @@ impl<T> Core<T> {
         }
     }
 
-    fn shed_waiter(&mut self, id: u64, reason: ShedReason, now: Instant, out: &mut Vec<Completion<T>>) {
+    fn shed_waiter(
+        &mut self,
+        id: u64,
+        reason: ShedReason,
+        now: Instant,
+        out: &mut Vec<Completion<T>>,
+    ) {
         if let Some(w) = self.remove_waiter(id) {
             if w.probe {
                 self.breaker.probe_abandoned();
@@ -533,7 +508,13 @@ impl<T> Core<T> {
         self.count_shed(&req.pool, &req.identity, reason, Duration::ZERO)
     }
 
-    fn count_shed(&mut self, pool: &Arc<str>, identity: &Arc<str>, reason: ShedReason, waited: Duration) -> Shed {
+    fn count_shed(
+        &mut self,
+        pool: &Arc<str>,
+        identity: &Arc<str>,
+        reason: ShedReason,
+        waited: Duration,
+    ) -> Shed {
         let p = pool_entry(&mut self.pools, pool, self.cfg.max_active);
         p.m.shed[reason.index()].increment(1);
         p.m.wait.record(waited.as_secs_f64());
@@ -566,7 +547,7 @@ impl<T> Core<T> {
             .map(|(k, i)| {
                 let s = IdentitySnapshot {
                     active: i.active,
-                    queued: i.queue.len(),
+                    queued: i.queue.len() + i.tx_queued,
                     weight: i.weight,
                     admitted_total: i.admitted_total,
                     shed_total: i.shed_total,

@@ -39,7 +39,7 @@ struct Sim {
 enum Got {
     Granted(Grant),
     Shed(ShedReason),
-    Queued(u64),
+    Queued,
 }
 
 impl Sim {
@@ -60,7 +60,7 @@ impl Sim {
         match self.core.admit(r, self.now, || token) {
             Admission::Granted(g) => Got::Granted(g),
             Admission::Shed(s) => Got::Shed(s.reason),
-            Admission::Queued { .. } => Got::Queued(token),
+            Admission::Queued { .. } => Got::Queued,
         }
     }
 
@@ -72,7 +72,10 @@ impl Sim {
     }
 
     fn must_queue(&mut self, r: AdmitRequest, token: u64) {
-        assert!(matches!(self.admit(r, token), Got::Queued(_)), "expected to queue");
+        assert!(
+            matches!(self.admit(r, token), Got::Queued),
+            "expected to queue"
+        );
     }
 
     fn release(&mut self, g: &Grant) {
@@ -121,7 +124,7 @@ fn idle_capacity_is_borrowed_regardless_of_shares() {
     for i in 0..4 {
         s.must_grant(req("small", i));
     }
-    assert!(matches!(s.admit(req("small", 9), 9), Got::Queued(_)));
+    assert!(matches!(s.admit(req("small", 9), 9), Got::Queued));
 }
 
 #[test]
@@ -170,7 +173,10 @@ fn in_transaction_waiters_go_first() {
     s.release(&g);
     let done = s.drain();
     assert_eq!(done.len(), 1);
-    assert_eq!(done[0].0, 3, "the open transaction's statement is served first");
+    assert_eq!(
+        done[0].0, 3,
+        "the open transaction's statement is served first"
+    );
 }
 
 #[test]
@@ -181,7 +187,10 @@ fn queue_full_sheds_at_once() {
     s.must_grant(req("a", 0));
     s.must_queue(req("a", 1), 1);
     s.must_queue(req("a", 2), 2);
-    assert!(matches!(s.admit(req("a", 3), 3), Got::Shed(ShedReason::QueueFull)));
+    assert!(matches!(
+        s.admit(req("a", 3), 3),
+        Got::Shed(ShedReason::QueueFull)
+    ));
 }
 
 #[test]
@@ -212,7 +221,10 @@ fn timeout_and_client_deadline_bound_the_wait() {
     // A deadline already past sheds without queueing.
     let mut late = req("a", 3);
     late.deadline = Some(s.now);
-    assert!(matches!(s.admit(late, 3), Got::Shed(ShedReason::QueueTimeout)));
+    assert!(matches!(
+        s.admit(late, 3),
+        Got::Shed(ShedReason::QueueTimeout)
+    ));
 }
 
 #[test]
@@ -242,15 +254,13 @@ fn codel_sheds_a_standing_queue_and_serves_newest_first() {
     let mut held = s.must_grant(req("a", 0));
     let mut shed = 0;
     let mut granted_waits = Vec::new();
-    let mut token = 1;
     // Arrivals every 10 ms, service every 30 ms: the queue never empties.
     for step in 1..=100u64 {
         s.advance(ms(10));
         // Mid-request arrivals: the cohort filter stays out of this test.
-        let mut r = req("a", token);
+        let mut r = req("a", step);
         r.last_admitted = Some(s.now);
-        s.must_queue(r, token);
-        token += 1;
+        s.must_queue(r, step);
         s.expire();
         if step % 3 == 0 {
             s.release(&held);
@@ -294,13 +304,11 @@ fn fifo_returns_once_the_queue_drains() {
 
 /// Keep the queue standing with mid-request waiters until the overload level bottoms out.
 fn overload(s: &mut Sim) {
-    let mut tok = 10_000;
-    for _ in 0..200 {
+    for tok in 10_000..10_200 {
         s.advance(ms(10));
         let mut r = req("load", tok);
         r.last_admitted = Some(s.now);
         s.must_queue(r, tok);
-        tok += 1;
         s.expire();
         s.drain();
     }
@@ -320,7 +328,7 @@ fn cohort_shedding_is_consistent_within_a_rotation() {
             let tok = 1_000_000 + round * 1000 + client;
             let admitted = match s.admit(req("web", client), tok) {
                 Got::Shed(ShedReason::Cohort) => false,
-                Got::Queued(_) => {
+                Got::Queued => {
                     s.core.abandon(s.core_last_id());
                     true
                 }
@@ -332,12 +340,15 @@ fn cohort_shedding_is_consistent_within_a_rotation() {
         }
     }
     let admitted = first.values().filter(|&&a| a).count();
-    assert!((3..=25).contains(&admitted), "about 1/16 of 160 admitted, got {admitted}");
+    assert!(
+        (3..=25).contains(&admitted),
+        "about 1/16 of 160 admitted, got {admitted}"
+    );
     // Mid-request clients bypass the filter.
     let shed_client = *first.iter().find(|(_, &a)| !a).unwrap().0;
     let mut r = req("web", shed_client);
     r.last_admitted = Some(s.now - ms(100));
-    assert!(matches!(s.admit(r, 7), Got::Queued(_)));
+    assert!(matches!(s.admit(r, 7), Got::Queued));
 }
 
 impl Sim {
@@ -380,13 +391,21 @@ fn breaker_sheds_waiters_and_probes_once() {
     }
     let done = s.drain();
     assert_eq!(done.len(), 2);
-    assert!(done.iter().all(|(_, r)| matches!(r, Err(ShedReason::CircuitOpen))));
-    assert!(matches!(s.admit(req("a", 3), 3), Got::Shed(ShedReason::CircuitOpen)));
+    assert!(done
+        .iter()
+        .all(|(_, r)| matches!(r, Err(ShedReason::CircuitOpen))));
+    assert!(matches!(
+        s.admit(req("a", 3), 3),
+        Got::Shed(ShedReason::CircuitOpen)
+    ));
     s.release(&held);
     s.advance(ms(500));
     let probe = s.must_grant(req("a", 4));
     assert!(probe.probe);
-    assert!(matches!(s.admit(req("a", 5), 5), Got::Shed(ShedReason::CircuitOpen)));
+    assert!(matches!(
+        s.admit(req("a", 5), 5),
+        Got::Shed(ShedReason::CircuitOpen)
+    ));
     s.core.record_success(s.now);
     s.release(&probe);
     let g = s.must_grant(req("a", 6));
@@ -406,7 +425,10 @@ fn pause_holds_new_work_but_lets_transactions_finish() {
     s.must_grant(tx);
     s.advance(ms(150));
     s.expire();
-    assert!(s.drain().is_empty(), "no standing-queue shedding while paused");
+    assert!(
+        s.drain().is_empty(),
+        "no standing-queue shedding while paused"
+    );
     s.core.resume(s.now, &mut s.out);
     let done = s.drain();
     assert_eq!(done.iter().map(|d| d.0).collect::<Vec<_>>(), vec![1]);
@@ -416,7 +438,9 @@ fn pause_holds_new_work_but_lets_transactions_finish() {
     s.expire();
     let done = s.drain();
     assert_eq!(done.len(), 2);
-    assert!(done.iter().all(|(_, r)| matches!(r, Err(ShedReason::Paused))));
+    assert!(done
+        .iter()
+        .all(|(_, r)| matches!(r, Err(ShedReason::Paused))));
 }
 
 #[test]
@@ -451,10 +475,38 @@ fn shed_text_and_codes() {
         queued: 12,
     };
     assert_eq!(shed.message(), "pgsluice: database busy");
-    assert!(shed.hint().starts_with("active 4/4, queue 12, waited 301 ms"));
+    assert!(shed
+        .hint()
+        .starts_with("active 4/4, queue 12, waited 301 ms"));
     assert_eq!(ShedReason::QueueFull.sqlstate(), "53400");
     assert_eq!(ShedReason::Cohort.sqlstate(), "53400");
     assert_eq!(ShedReason::CircuitOpen.sqlstate(), "57P03");
     assert_eq!(ShedReason::Paused.sqlstate(), "57P03");
     assert_eq!(ShedReason::StandingQueue.as_str(), "standing_queue");
+}
+
+#[test]
+fn absurd_durations_do_not_overflow() {
+    let mut c = cfg(1);
+    c.queue_timeout = Duration::MAX;
+    c.codel_interval = Duration::MAX;
+    c.codel_target = Duration::MAX;
+    c.cohort_rotation = Duration::ZERO;
+    c.cohorts = 0;
+    c.breaker.failure_threshold = 0;
+    c.breaker.base_cooldown = Duration::MAX;
+    c.breaker.max_cooldown = Duration::MAX;
+    let mut s = Sim::new(c);
+    let g = s.must_grant(req("a", 0));
+    s.must_queue(req("a", 1), 1);
+    s.advance(Duration::from_secs(3600));
+    s.expire();
+    assert!(s.drain().is_empty());
+    s.core.record_failure(s.now, &mut s.out);
+    assert!(matches!(s.drain()[0].1, Err(ShedReason::CircuitOpen)));
+    s.release(&g);
+    assert!(matches!(
+        s.admit(req("a", 2), 2),
+        Got::Shed(ShedReason::CircuitOpen)
+    ));
 }

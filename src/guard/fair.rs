@@ -1,0 +1,83 @@
+//! Weighted fair sharing of slots between client identities.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+
+use super::config::GuardConfig;
+
+/// Idle identities are forgotten once this many are known, so arbitrary
+/// `application_name`s cannot grow the table without bound.
+const MAX_IDENTITIES: usize = 4096;
+
+pub(crate) struct Ident {
+    pub weight: u32,
+    pub active: usize,
+    pub queue: VecDeque<u64>,
+    pub admitted_total: u64,
+    pub shed_total: u64,
+    /// Waiters of this identity inside an open transaction (they queue apart).
+    pub tx_queued: usize,
+}
+
+pub(crate) fn ident_entry<'a>(
+    idents: &'a mut HashMap<Arc<str>, Ident>,
+    name: &Arc<str>,
+    cfg: &GuardConfig,
+) -> &'a mut Ident {
+    if !idents.contains_key(&**name) {
+        if idents.len() >= MAX_IDENTITIES {
+            idents.retain(|k, i| {
+                i.active > 0
+                    || !i.queue.is_empty()
+                    || i.tx_queued > 0
+                    || cfg.shares.contains_key(&**k)
+            });
+        }
+        let ident = Ident {
+            weight: cfg.weight_of(name),
+            active: 0,
+            queue: VecDeque::new(),
+            admitted_total: 0,
+            shed_total: 0,
+            tx_queued: 0,
+        };
+        idents.insert(name.clone(), ident);
+    }
+    idents
+        .get_mut(&**name)
+        .expect("identity entry just ensured")
+}
+
+/// Next non-transaction waiter: the backlogged identity with the smallest active/weight
+/// (ties to the oldest head, or the newest tail under LIFO), then its oldest waiter, or its
+/// newest when `lifo`.
+pub(crate) fn pick(
+    backlogged: &[Arc<str>],
+    idents: &HashMap<Arc<str>, Ident>,
+    lifo: bool,
+) -> Option<u64> {
+    let mut best: Option<(&Ident, u64)> = None;
+    for name in backlogged {
+        let Some(i) = idents.get(&**name) else {
+            continue;
+        };
+        let cand = if lifo {
+            i.queue.back()
+        } else {
+            i.queue.front()
+        };
+        let Some(&cand) = cand else { continue };
+        let better = match best {
+            None => true,
+            Some((b, bid)) => {
+                let lhs = i.active as u128 * b.weight as u128;
+                let rhs = b.active as u128 * i.weight as u128;
+                lhs < rhs || (lhs == rhs && if lifo { cand > bid } else { cand < bid })
+            }
+        };
+        if better {
+            best = Some((i, cand));
+        }
+    }
+    best.map(|(_, id)| id)
+}
