@@ -3,9 +3,11 @@
 #![allow(dead_code, unused_imports)]
 
 pub mod pg;
+pub mod proxy;
 pub mod shim;
 
 pub use pg::{connect, try_connect, HostAuth, TempPostgres};
+pub use proxy::TestProxy;
 pub use shim::{FaultShim, Mode};
 
 /// Lifts the soft open-file limit to the hard limit: hundreds of concurrent clients plus the
