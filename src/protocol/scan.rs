@@ -149,10 +149,9 @@ mod tests {
         v
     }
 
-    fn collect(
-        s: &mut FrameScanner,
-        chunk: &[u8],
-    ) -> Vec<(u8, usize, Option<usize>, usize, Option<Vec<u8>>)> {
+    type Seen = (u8, usize, Option<usize>, usize, Option<Vec<u8>>);
+
+    fn collect(s: &mut FrameScanner, chunk: &[u8]) -> Vec<Seen> {
         let mut out = vec![];
         let n = s
             .scan(chunk, |e| {

@@ -1,12 +1,27 @@
 //! Shared helpers for integration tests: throwaway PostgreSQL clusters and a fault-injecting
 //! TCP shim. Each test binary uses a different subset.
-#![allow(dead_code)]
+#![allow(dead_code, unused_imports)]
 
 pub mod pg;
 pub mod proxy;
 pub mod shim;
 
 pub use pg::{connect, try_connect, HostAuth, TempPostgres};
-#[allow(unused_imports)]
 pub use proxy::TestProxy;
 pub use shim::{FaultShim, Mode};
+
+/// Lifts the soft open-file limit to the hard limit: hundreds of concurrent clients plus the
+/// in-process proxy's sockets can exceed a default soft limit of 1024.
+pub fn raise_fd_limit() {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit with a valid pointer to a local struct.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
+            lim.rlim_cur = lim.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+        }
+    }
+}
