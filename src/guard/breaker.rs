@@ -86,7 +86,14 @@ impl Breaker {
         }
     }
 
-    pub(crate) fn record_success(&mut self) {
+    /// Closes the circuit unless it is still cooling down: a query that started before
+    /// the opening and ends well proves little; the probe decides.
+    pub(crate) fn record_success(&mut self, now: Instant) {
+        if let State::Open { until } = self.state {
+            if now < until {
+                return;
+            }
+        }
         self.state = State::Closed { failures: 0 };
         self.cooldown = Duration::ZERO;
     }
@@ -153,7 +160,7 @@ mod tests {
         let mut b = Breaker::new(cfg());
         assert!(!b.record_failure(t0));
         assert!(!b.record_failure(t0));
-        b.record_success();
+        b.record_success(t0);
         assert!(!b.record_failure(t0));
         assert!(!b.record_failure(t0));
         assert_eq!(b.state(t0), CircuitState::Closed);
@@ -175,7 +182,7 @@ mod tests {
         assert_eq!(b.pass(t0 + ms(500)), Pass::Probe);
         assert_eq!(b.pass(t0 + ms(501)), Pass::No);
         assert_eq!(b.pass(t0 + ms(900)), Pass::No);
-        b.record_success();
+        b.record_success(t0 + ms(900));
         assert_eq!(b.state(t0 + ms(901)), CircuitState::Closed);
         assert_eq!(b.pass(t0 + ms(901)), Pass::Yes);
     }
@@ -201,7 +208,7 @@ mod tests {
         // A success resets the cool-down to the base.
         now = b.open_until().unwrap();
         assert_eq!(b.pass(now), Pass::Probe);
-        b.record_success();
+        b.record_success(now);
         for _ in 0..3 {
             b.record_failure(now);
         }
@@ -232,5 +239,8 @@ mod tests {
         let until = b.open_until().unwrap();
         assert!(!b.record_failure(t0 + Duration::from_millis(100)));
         assert_eq!(b.open_until(), Some(until));
+        // Nor does a late success close it before the probe.
+        b.record_success(t0 + Duration::from_millis(200));
+        assert_eq!(b.state(t0 + Duration::from_millis(200)), CircuitState::Open);
     }
 }

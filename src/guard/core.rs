@@ -304,7 +304,7 @@ impl<T> Core<T> {
     }
 
     pub(crate) fn record_success(&mut self, now: Instant) {
-        self.breaker.record_success();
+        self.breaker.record_success(now);
         self.sync_circuit_gauge(now);
     }
 

@@ -10,11 +10,13 @@
 //! Waiters sit in two tiers. Statements of an already-open transaction wait in their own
 //! FIFO and are served before everything else: they hold locks and a server connection, and
 //! starving them would stall the whole pool. They also pass a pause (so open transactions
-//! can finish) and are exempt from cohort and standing-queue shedding, because refusing one
-//! would abort the transaction. All other queries wait in one FIFO per client identity. When
-//! a slot frees, it goes to the backlogged identity with the smallest `active / weight`
-//! (weights from `--share`, default 1), ties to the longest-waiting head. Weights only matter
-//! while every slot is taken: an identity alone on an idle database may use all of it.
+//! can finish) and are exempt from the length bound and from cohort and standing-queue
+//! shedding, because refusing one would abort the transaction (their number is bounded
+//! anyway: each holds a server connection). All other queries wait in one FIFO per client
+//! identity. When a slot frees, it goes to the backlogged identity with the smallest
+//! `active / weight` (weights from `--share`, default 1), ties to the longest-waiting head.
+//! Weights only matter while every slot is taken: an identity alone on an idle database may
+//! use all of it.
 //!
 //! The queue is bounded in length (`max_queue`: beyond it new queries are refused at once)
 //! and in time (`queue_timeout`, cut short by the client's own deadline). On top of that
@@ -23,26 +25,30 @@
 //! than `codel_target` are refused and freed slots go to the newest waiters of the chosen
 //! identity, who still have time left to make use of them; the moment the queue empties,
 //! service returns to FIFO. A short burst that drains within the interval is absorbed
-//! whole, in order.
+//! whole, in order. So under sustained overload a query waits about `max(codel_interval,
+//! codel_target)` at most (100 ms by default); `queue_timeout` bounds waits in bursts and
+//! during a pause.
 //!
 //! Under sustained overload the guard sheds requests rather than individual queries. An
-//! application request is usually several queries in a row on one connection; refusing
-//! the third query wastes the first two. Clients hash into `cohorts` buckets whose priority
+//! application request is usually several queries in a row on one connection; refusing the
+//! third query wastes the first two. Clients hash into `cohorts` buckets whose priority
 //! order rotates every `cohort_rotation`. An overload level sets how many buckets take new
 //! work: it drops by one bucket per CoDel interval while the queue stands (never below one)
 //! and climbs back by one per interval otherwise. A client outside the admitted buckets is
 //! refused at once (`cohort`), so the same clients are turned away consistently and
 //! cheaply, while a client that had a query admitted within `mid_request_window` bypasses
-//! the filter and can finish what it started. The rotation spreads the refusals fairly
-//! over time.
+//! the filter and can finish what it started. The rotation spreads the refusals fairly over
+//! time.
 //!
 //! A waiter whose client goes away leaves the queue at once; if a slot was granted to it in
 //! that instant, the slot is released and handed on. A circuit breaker stops all of this
 //! while the upstream is failing: after `failure_threshold` consecutive failures every
 //! waiter and every new query is refused (`circuit_open`) until a cool-down passes
-//! (doubling on each re-open up to `max_cooldown`); then one probe query is let through,
-//! and its success closes the circuit. A pause holds new queries in the queue (refused as
-//! `paused` if it outlasts their timeout) while running ones finish.
+//! (doubling on each re-open up to `max_cooldown`); then one probe query is let through;
+//! its success closes the circuit and resets the cool-down, its failure re-opens it for
+//! twice as long. If the probe ends without a verdict, the next query probes instead. A
+//! pause holds new queries in the queue (refused as `paused` if it outlasts their timeout)
+//! while running ones finish.
 
 mod breaker;
 mod cohort;
