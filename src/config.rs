@@ -136,6 +136,10 @@ pub struct Flags {
     /// How often the upstream health check runs (readiness, breaker).
     #[arg(long, env = "PGSLUICE_HEALTH_INTERVAL")]
     pub health_interval: Option<String>,
+    /// Named prepared statements kept per server connection in transaction mode (0 passes
+    /// statement names through untouched, as older poolers do).
+    #[arg(long, env = "PGSLUICE_MAX_PREPARED_STATEMENTS")]
+    pub max_prepared_statements: Option<usize>,
     /// Most distinct client identities used as metric labels; the rest fold into "other".
     #[arg(long, env = "PGSLUICE_IDENTITY_LABEL_CAP")]
     pub identity_label_cap: Option<usize>,
@@ -239,6 +243,7 @@ pub struct Config {
     pub breaker_max_cooldown: Duration,
     pub health_interval: Duration,
     pub identity_label_cap: usize,
+    pub max_prepared_statements: usize,
     /// The TOML file this came from, re-read on SIGHUP.
     pub config_file: Option<PathBuf>,
     /// The flags as given, so a reload re-applies them over the new file.
@@ -373,6 +378,7 @@ impl Config {
             breaker_max_cooldown: dur("breaker-max-cooldown", pick!(breaker_max_cooldown), "30s")?,
             health_interval: dur("health-interval", pick!(health_interval), "1s")?,
             identity_label_cap: pick!(identity_label_cap).unwrap_or(50),
+            max_prepared_statements: pick!(max_prepared_statements).unwrap_or(200),
             config_file: flags.config.clone(),
             flags,
             generation: 0,

@@ -131,12 +131,33 @@ impl<T> Core<T> {
         self.paused
     }
 
-    /// The queue has been non-empty for a whole CoDel interval (and is not held by a pause).
+    /// A standing queue: for a whole CoDel interval the queue has not been empty and its
+    /// oldest query has been waiting at least that long. A queue that is never empty but
+    /// drains fast (closed-loop clients outnumbering the slots) is healthy and does not
+    /// count; a burst that drains within the interval does not either.
     pub(crate) fn standing(&self, now: Instant) -> bool {
-        !self.paused
-            && self
-                .nonempty_since
-                .is_some_and(|t| now.saturating_duration_since(t) >= self.cfg.codel_interval)
+        if self.paused {
+            return false;
+        }
+        let Some(since) = self.nonempty_since else {
+            return false;
+        };
+        let iv = self.cfg.codel_interval;
+        if now.saturating_duration_since(since) < iv {
+            return false;
+        }
+        self.oldest_normal()
+            .is_some_and(|t| now.saturating_duration_since(t) >= iv)
+    }
+
+    /// Arrival time of the longest-waiting normal (not in-transaction) query.
+    fn oldest_normal(&self) -> Option<Instant> {
+        self.backlogged
+            .iter()
+            .filter_map(|n| self.idents.get(n)?.queue.front())
+            .min()
+            .and_then(|id| self.waiters.get(id))
+            .map(|w| w.enqueued)
     }
 
     pub(crate) fn admit(

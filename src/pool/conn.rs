@@ -14,6 +14,8 @@ pub struct ServerConn {
     pub created: Instant,
     /// Set when the connection must not be reused (protocol state unknown, I/O error).
     pub broken: bool,
+    /// Statements prepared here on behalf of clients (transaction pooling).
+    pub prepared: crate::session::prepared::ServerStatements,
 }
 
 impl ServerConn {
@@ -26,6 +28,7 @@ impl ServerConn {
             secret,
             created: Instant::now(),
             broken: false,
+            prepared: Default::default(),
         }
     }
 }

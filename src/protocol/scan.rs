@@ -63,6 +63,15 @@ impl FrameScanner {
         self.hdr_have == 0 && !self.in_body
     }
 
+    /// Bytes of the current, incomplete message seen so far (0 at a boundary).
+    pub fn partial_len(&self) -> usize {
+        if self.in_body {
+            5 + self.len - self.remaining
+        } else {
+            self.hdr_have
+        }
+    }
+
     /// Tag of the message currently being passed through, if inside one.
     pub fn current_tag(&self) -> Option<u8> {
         (self.hdr_have > 0 || self.in_body).then_some(if self.in_body {

@@ -17,6 +17,9 @@ pub fn take() -> Box<[u8]> {
 }
 
 pub fn give(buf: Box<[u8]>) {
+    if buf.len() != BUF_SIZE {
+        return;
+    }
     FREE.with(|f| {
         let mut f = f.borrow_mut();
         if f.len() < MAX_FREE {
@@ -55,6 +58,32 @@ impl Buf {
         self.end - self.pos
     }
 
+    /// Unsent bytes up to absolute offset `limit`.
+    pub fn data_to(&self, limit: usize) -> &[u8] {
+        match &self.data {
+            Some(d) => &d[self.pos..limit.max(self.pos)],
+            None => &[],
+        }
+    }
+
+    /// The bytes at absolute offsets `from..to`.
+    pub fn slice(&self, from: usize, to: usize) -> &[u8] {
+        match &self.data {
+            Some(d) => &d[from..to],
+            None => &[],
+        }
+    }
+
+    /// Makes room for data up to absolute offset `end` (rare: large held messages).
+    pub fn grow_to(&mut self, end: usize) {
+        let d = self.data.get_or_insert_with(take);
+        if end > d.len() {
+            let mut bigger = vec![0u8; end.max(d.len() * 2)].into_boxed_slice();
+            bigger[..self.end].copy_from_slice(&d[..self.end]);
+            *d = bigger;
+        }
+    }
+
     /// Unsent bytes.
     pub fn data(&self) -> &[u8] {
         match &self.data {
@@ -82,7 +111,7 @@ impl Buf {
     }
 
     pub fn has_spare(&self) -> bool {
-        self.pos == self.end || self.end < BUF_SIZE
+        self.pos == self.end || self.end < self.data.as_ref().map_or(BUF_SIZE, |d| d.len())
     }
 
     pub fn consume(&mut self, n: usize) {
@@ -129,13 +158,10 @@ impl Drop for Buf {
 impl Buf {
     /// Replaces absolute range `from..to` with `with` (rare path: rewriting one message).
     pub fn splice(&mut self, from: usize, to: usize, with: &[u8]) {
-        let Some(d) = &mut self.data else { return };
         let tail = self.end - to;
         let new_end = from + with.len() + tail;
-        if new_end > d.len() {
-            // No room to grow in place: keep the original message.
-            return;
-        }
+        self.grow_to(new_end);
+        let Some(d) = &mut self.data else { return };
         d.copy_within(to..self.end, from + with.len());
         d[from..from + with.len()].copy_from_slice(with);
         self.end = new_end;

@@ -142,7 +142,7 @@ impl Session {
         let mut timed_out = false;
         self.st.saw_error = false;
         let ev = loop {
-            let fut = relay::relay(&mut self.client, &mut server.stream, &mut self.st);
+            let fut = relay::relay(&mut self.client, server, &mut self.st);
             tokio::select! {
                 ev = fut => break ev,
                 _ = sleep_until_opt(deadline), if !timed_out => {
@@ -313,14 +313,16 @@ impl Session {
                 b.extend_from_slice(&[b'S', 0, 0, 0, 4]);
                 server.stream.write_all(&b).await?;
                 st.pending += 1;
+                st.expect.clear();
                 st.open_batch = false;
             }
-            relay::drain_server(&mut server.stream, st).await?;
+            relay::drain_server(&mut server, st).await?;
             if st.status != b'I' {
-                relay::run_internal(&mut server.stream, st, "ROLLBACK").await?;
+                relay::run_internal(&mut server, st, "ROLLBACK").await?;
             }
             if session_mode {
-                relay::run_internal(&mut server.stream, st, "DISCARD ALL").await?;
+                relay::run_internal(&mut server, st, "DISCARD ALL").await?;
+                server.prepared.clear();
             }
             Ok::<_, std::io::Error>(())
         };

@@ -4,6 +4,7 @@
 
 pub mod bufpool;
 mod flow;
+pub mod prepared;
 pub mod relay;
 pub mod startup;
 
@@ -71,16 +72,21 @@ pub async fn run(mut client: TcpStream, shared: Arc<Shared>) {
         .unwrap_or_else(|| info.user.clone())
         .into();
     let entry = shared.cancels.register();
+    let client_id = shared.next_client_id();
+    let mut st = RelayState::new();
+    if cfg.pool_mode == PoolMode::Transaction {
+        st.enable_rewrite(client_id, cfg.max_prepared_statements);
+    }
     let mut s = Session {
         client,
         shared: shared.clone(),
         cfg,
         pool,
         identity,
-        client_id: shared.next_client_id(),
+        client_id,
         entry,
         server: None,
-        st: RelayState::new(),
+        st,
         last_admitted: None,
         info,
     };

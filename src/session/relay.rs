@@ -4,6 +4,8 @@
 //! ReadyForQuery and its transaction status, Terminate, fatal server errors.
 
 use super::bufpool::Buf;
+use super::prepared::{self, ClientStatements, Expectations, ServerStatements, Verdict};
+use crate::pool::ServerConn;
 use crate::protocol::{self, FrameScanner, ProtocolError};
 use std::collections::VecDeque;
 use std::future::poll_fn;
@@ -59,6 +61,17 @@ pub struct RelayState {
     pub terminate_split: bool,
     /// The server sent an ErrorResponse during the current batch.
     pub saw_error: bool,
+    /// Transaction pooling: rename named statements and prepare them where needed.
+    pub rewrite_on: bool,
+    /// Most statements kept prepared per server connection.
+    pub stmt_cap: usize,
+    /// Client bytes before this offset are rewritten and may be forwarded.
+    rw_pos: usize,
+    /// Bytes left of a message being passed through unexamined.
+    rw_stream: usize,
+    pub stmts: ClientStatements,
+    pub expect: Expectations,
+    scratch: Vec<u8>,
 }
 
 impl Default for RelayState {
@@ -86,6 +99,110 @@ impl RelayState {
             discard_done: false,
             terminate_split: false,
             saw_error: false,
+            rewrite_on: false,
+            stmt_cap: 0,
+            rw_pos: 0,
+            rw_stream: 0,
+            stmts: ClientStatements::default(),
+            expect: Expectations::default(),
+            scratch: Vec::new(),
+        }
+    }
+
+    /// Enables statement renaming (transaction pooling).
+    pub fn enable_rewrite(&mut self, client_id: u64, cap: usize) {
+        self.rewrite_on = cap > 0;
+        self.stmt_cap = cap;
+        self.stmts = ClientStatements::new(client_id);
+    }
+
+    /// End of what may be written upstream now.
+    fn c2s_limit(&self) -> usize {
+        if self.rewrite_on {
+            self.rw_pos.max(self.c2s.pos)
+        } else {
+            self.c2s.end
+        }
+    }
+
+    /// End of what may be written to the client now: a ParseComplete or CloseComplete that
+    /// may still have to be removed is held back until it is complete.
+    fn s2c_limit(&self) -> usize {
+        if self.rewrite_on
+            && !self.expect.is_empty()
+            && matches!(self.sscan.current_tag(), Some(b'1' | b'3'))
+        {
+            self.s2c.end - self.sscan.partial_len().min(self.s2c.len())
+        } else {
+            self.s2c.end
+        }
+    }
+
+    /// Rewrites complete client messages up to the end of the buffer for `server`.
+    fn advance_rewrite(&mut self, server: &mut ServerStatements) {
+        if !self.rewrite_on {
+            return;
+        }
+        self.rw_pos = self.rw_pos.clamp(self.c2s.pos, self.c2s.end);
+        loop {
+            let end = self.c2s.end;
+            if self.rw_stream > 0 {
+                let take = self.rw_stream.min(end - self.rw_pos);
+                self.rw_pos += take;
+                self.rw_stream -= take;
+                if self.rw_stream > 0 {
+                    return;
+                }
+                continue;
+            }
+            if end - self.rw_pos < 5 {
+                return;
+            }
+            let h = self.c2s.slice(self.rw_pos, self.rw_pos + 5);
+            let tag = h[0];
+            let total = 1 + i32::from_be_bytes([h[1], h[2], h[3], h[4]]).max(4) as usize;
+            let need = match tag {
+                b'P' | b'B' | b'D' | b'C' | b'S' => total,
+                b'Q' => total.min(5 + 64),
+                _ => {
+                    self.rw_stream = total;
+                    continue;
+                }
+            };
+            if end - self.rw_pos < need {
+                // Hold the message until it is complete.
+                self.c2s.grow_to(self.rw_pos + need);
+                return;
+            }
+            let at = self.rw_pos;
+            self.scratch.clear();
+            let msg = self.c2s.slice(at, at + need);
+            let replaced = prepared::rewrite(
+                msg,
+                &mut self.stmts,
+                server,
+                &mut self.expect,
+                self.stmt_cap,
+                &mut self.scratch,
+            );
+            if tag == b'Q' {
+                self.rw_stream = total;
+                continue;
+            }
+            if replaced {
+                let new_len = self.scratch.len();
+                let scratch = std::mem::take(&mut self.scratch);
+                self.c2s.splice(at, at + total, &scratch);
+                self.scratch = scratch;
+                for e in self.ends.iter_mut() {
+                    if *e > at {
+                        *e = *e + new_len - total;
+                    }
+                }
+                self.rw_pos = at + new_len;
+            } else {
+                self.rw_pos = at + total;
+            }
         }
     }
 
@@ -207,10 +324,16 @@ impl RelayState {
         }
         self.open_batch = false;
         self.rewrite_cancel = None;
+        self.rw_pos = 0;
+        self.rw_stream = 0;
+        self.expect.clear();
         owed
     }
 
     fn after_client_write(&mut self) {
+        if self.c2s.is_empty() {
+            self.rw_pos = 0;
+        }
         while let Some(&e) = self.ends.front() {
             if e <= self.c2s.pos || self.c2s.is_empty() {
                 self.ends.pop_front();
@@ -221,53 +344,85 @@ impl RelayState {
         }
     }
 
-    fn scan_server(&mut self, from: usize) -> Result<(), ProtocolError> {
-        let mut rewrite: Option<(usize, usize)> = None;
-        let want_rewrite = self.rewrite_cancel.is_some();
-        let pending = &mut self.pending;
-        let status = &mut self.status;
-        let fatal = &mut self.server_fatal;
-        let saw_error = &mut self.saw_error;
-        let chunk = self.s2c.filled_from(from);
-        self.sscan.scan(chunk, |ev| {
-            match ev.tag {
-                b'Z' => {
-                    *pending = pending.saturating_sub(1);
-                    if let Some(&[s]) = ev.body {
-                        *status = s;
-                    }
-                }
-                b'E' => {
-                    *saw_error = true;
-                    if let Some(body) = ev.body {
-                        let f = protocol::parse_error_fields(body);
-                        if f.severity == "FATAL" || f.severity == "PANIC" {
-                            *fatal = true;
+    fn scan_server(
+        &mut self,
+        from: usize,
+        server: &mut ServerStatements,
+    ) -> Result<(), ProtocolError> {
+        let mut at = from;
+        loop {
+            let mut rewrite: Option<(usize, usize)> = None;
+            let mut strip: Option<(usize, usize)> = None;
+            let want_rewrite = self.rewrite_cancel.is_some();
+            let pos = self.s2c.pos;
+            let pending = &mut self.pending;
+            let status = &mut self.status;
+            let fatal = &mut self.server_fatal;
+            let saw_error = &mut self.saw_error;
+            let expect = &mut self.expect;
+            let chunk = self.s2c.filled_from(at);
+            let n = self.sscan.scan(chunk, |ev| {
+                match ev.tag {
+                    b'Z' => {
+                        *pending = pending.saturating_sub(1);
+                        if let Some(&[s]) = ev.body {
+                            *status = s;
                         }
-                        if want_rewrite && f.code == "57014" {
-                            if let Some(s) = ev.start {
-                                rewrite = Some((from + s, from + ev.end));
+                        expect.on_ready();
+                    }
+                    b'1' | b'3' => {
+                        if expect.on_complete(ev.tag) == Verdict::Strip {
+                            let end = at + ev.end;
+                            let start = end - (5 + ev.len);
+                            if start >= pos {
+                                strip = Some((start, end));
+                                return ControlFlow::Break(());
                             }
                         }
                     }
+                    b'E' => {
+                        *saw_error = true;
+                        expect.on_error(server);
+                        if let Some(body) = ev.body {
+                            let f = protocol::parse_error_fields(body);
+                            if f.severity == "FATAL" || f.severity == "PANIC" {
+                                *fatal = true;
+                            }
+                            if want_rewrite && f.code == "57014" {
+                                if let Some(s) = ev.start {
+                                    rewrite = Some((at + s, at + ev.end));
+                                }
+                            }
+                        }
+                    }
+                    _ => {}
                 }
-                _ => {}
+                ControlFlow::Continue(())
+            })?;
+            if let (Some((s, e)), Some(msg)) = (rewrite, self.rewrite_cancel.take()) {
+                let mut m = bytes::BytesMut::new();
+                protocol::error_response(&mut m, protocol::Severity::Error, "57014", msg, None);
+                self.s2c.splice(s, e, &m);
             }
-            ControlFlow::Continue(())
-        })?;
-        if let (Some((s, e)), Some(msg)) = (rewrite, self.rewrite_cancel.take()) {
-            let mut m = bytes::BytesMut::new();
-            protocol::error_response(&mut m, protocol::Severity::Error, "57014", msg, None);
-            self.s2c.splice(s, e, &m);
+            match strip {
+                Some((s, e)) => {
+                    let next = at + n;
+                    self.s2c.remove(s, e);
+                    at = next - (e - s);
+                    if at >= self.s2c.end {
+                        return Ok(());
+                    }
+                }
+                None => return Ok(()),
+            }
         }
-        Ok(())
     }
 }
 
 /// Relays until something needs the session's attention.
 pub async fn relay(
     client: &mut TcpStream,
-    server: &mut TcpStream,
+    server: &mut ServerConn,
     st: &mut RelayState,
 ) -> RelayEvent {
     poll_fn(|cx| poll_relay(cx, client, server, st)).await
@@ -276,15 +431,17 @@ pub async fn relay(
 fn poll_relay(
     cx: &mut Context<'_>,
     client: &mut TcpStream,
-    server: &mut TcpStream,
+    server: &mut ServerConn,
     st: &mut RelayState,
 ) -> Poll<RelayEvent> {
     loop {
         let mut progressed = false;
 
         // client -> server
-        if !st.c2s.is_empty() {
-            match Pin::new(&mut *server).poll_write(cx, st.c2s.data()) {
+        st.advance_rewrite(&mut server.prepared);
+        let limit = st.c2s_limit();
+        if limit > st.c2s.pos {
+            match Pin::new(&mut server.stream).poll_write(cx, st.c2s.data_to(limit)) {
                 Poll::Ready(Ok(0)) => {
                     return Poll::Ready(RelayEvent::ServerGone(io::ErrorKind::WriteZero.into()))
                 }
@@ -296,7 +453,8 @@ fn poll_relay(
                 Poll::Ready(Err(e)) => return Poll::Ready(RelayEvent::ServerGone(e)),
                 Poll::Pending => {}
             }
-        } else if !st.terminated && !st.client_eof {
+        }
+        if !st.terminated && !st.client_eof && st.c2s.has_spare() {
             let from = st.c2s.end;
             let mut rb = ReadBuf::new(st.c2s.spare());
             match Pin::new(&mut *client).poll_read(cx, &mut rb) {
@@ -306,7 +464,12 @@ fn poll_relay(
                         st.client_eof = true;
                         return Poll::Ready(RelayEvent::ClientGone);
                     }
-                    st.c2s.end += n;
+                    let from = if st.c2s.pos == 0 && st.c2s.end == 0 {
+                        0
+                    } else {
+                        from
+                    };
+                    st.c2s.end = from + n;
                     if let Err(e) = st.scan_client(from) {
                         return Poll::Ready(RelayEvent::ClientProtocol(e));
                     }
@@ -321,8 +484,9 @@ fn poll_relay(
         }
 
         // server -> client
-        if !st.s2c.is_empty() {
-            match Pin::new(&mut *client).poll_write(cx, st.s2c.data()) {
+        let limit = st.s2c_limit();
+        if limit > st.s2c.pos {
+            match Pin::new(&mut *client).poll_write(cx, st.s2c.data_to(limit)) {
                 Poll::Ready(Ok(n)) if n > 0 => {
                     st.s2c.consume(n);
                     progressed = true;
@@ -333,10 +497,11 @@ fn poll_relay(
                 }
                 Poll::Pending => {}
             }
-        } else {
+        }
+        if st.s2c.has_spare() && st.s2c_limit() <= st.s2c.pos {
             let from = st.s2c.end;
             let mut rb = ReadBuf::new(st.s2c.spare());
-            match Pin::new(&mut *server).poll_read(cx, &mut rb) {
+            match Pin::new(&mut server.stream).poll_read(cx, &mut rb) {
                 Poll::Ready(Ok(())) => {
                     let n = rb.filled().len();
                     if n == 0 {
@@ -344,8 +509,13 @@ fn poll_relay(
                             io::ErrorKind::UnexpectedEof.into(),
                         ));
                     }
-                    st.s2c.end += n;
-                    if let Err(e) = st.scan_server(from) {
+                    let from = if st.s2c.pos == 0 && st.s2c.end == 0 {
+                        0
+                    } else {
+                        from
+                    };
+                    st.s2c.end = from + n;
+                    if let Err(e) = st.scan_server(from, &mut server.prepared) {
                         return Poll::Ready(RelayEvent::ServerProtocol(e));
                     }
                     progressed = true;
@@ -373,37 +543,31 @@ pub async fn write_client(client: &mut TcpStream, bytes: &[u8]) -> io::Result<()
 }
 
 /// Drains server output (discarding it) until every forwarded batch has its ReadyForQuery.
-pub async fn drain_server(server: &mut TcpStream, st: &mut RelayState) -> io::Result<()> {
+pub async fn drain_server(server: &mut ServerConn, st: &mut RelayState) -> io::Result<()> {
     st.s2c.clear();
     while st.pending > 0 || !st.sscan.at_boundary() {
-        let from = st.s2c.end;
-        let n = tokio::io::AsyncReadExt::read(server, st.s2c.spare()).await?;
+        let n = tokio::io::AsyncReadExt::read(&mut server.stream, st.s2c.spare()).await?;
         if n == 0 {
             return Err(io::ErrorKind::UnexpectedEof.into());
         }
-        st.s2c.end += n;
-        st.scan_server(from)
+        st.s2c.end = n;
+        st.scan_server(0, &mut server.prepared)
             .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e.to_string()))?;
         st.s2c.clear();
     }
+    st.expect.clear();
     Ok(())
 }
 
 /// Sends a simple query on an idle server connection and drains its result.
 pub async fn run_internal(
-    server: &mut TcpStream,
+    server: &mut ServerConn,
     st: &mut RelayState,
     sql: &str,
 ) -> io::Result<()> {
     let mut b = bytes::BytesMut::new();
     protocol::query(&mut b, sql);
-    tokio::io::AsyncWriteExt::write_all(server, &b).await?;
+    tokio::io::AsyncWriteExt::write_all(&mut server.stream, &b).await?;
     st.pending += 1;
     drain_server(server, st).await
-}
-
-#[allow(dead_code)]
-fn _assert_traits() {
-    fn is_read<T: AsyncRead + AsyncWrite>() {}
-    is_read::<TcpStream>();
 }
