@@ -274,3 +274,35 @@ async fn notices_reach_the_client() {
     }
     assert_eq!(got, ["first 1", "second 2"]);
 }
+
+/// Clients sharing a small transaction-mode pool each prepare statements under the same
+/// driver-chosen names (tokio-postgres numbers them per connection) and execute them later,
+/// possibly on another server connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prepared_statements_across_shared_server_connections() {
+    let (_pg, proxy) = setup(&["--pool-mode", "transaction", "--pool-size", "2"]).await;
+    let mut tasks = tokio::task::JoinSet::new();
+    for client_no in 0..4i64 {
+        let url = proxy.url();
+        tasks.spawn(async move {
+            let c = common::connect(&url).await;
+            let double = c.prepare("SELECT $1::bigint * 2").await?;
+            let label = c.prepare("SELECT $1::text || '-' || $2::bigint").await?;
+            for i in 0..25i64 {
+                let v: i64 = c
+                    .query_one(&double, &[&(client_no * 100 + i)])
+                    .await?
+                    .get(0);
+                assert_eq!(v, (client_no * 100 + i) * 2);
+                let s: String = c.query_one(&label, &[&"c", &i]).await?.get(0);
+                assert_eq!(s, format!("c-{i}"));
+            }
+            Ok::<_, tokio_postgres::Error>(())
+        });
+    }
+    while let Some(res) = tasks.join_next().await {
+        if let Err(e) = res.expect("client task panicked") {
+            panic!("prepared statement use failed: {e:?}");
+        }
+    }
+}
