@@ -331,3 +331,18 @@ async fn prepared_statements_across_shared_server_connections() {
         }
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_endpoints_answer() {
+    let (_pg, proxy) = setup(&[]).await;
+    let c = proxy.client().await;
+    c.simple_query("SELECT 1").await.unwrap();
+
+    let (status, _) = proxy.http_get("/healthz").await;
+    assert_eq!(status, 200);
+    let (status, body) = proxy.http_get("/metrics").await;
+    assert_eq!(status, 200);
+    assert!(body.contains("pgsluice_client_connections"), "{body}");
+    let (status, _) = proxy.http_get("/no-such-page").await;
+    assert_eq!(status, 404);
+}

@@ -41,6 +41,12 @@ async fn two_clusters_in_parallel() {
         .get(0);
     assert_eq!(max, "300");
     assert_eq!(TempPostgres::active_backends(&ca).await, 0);
+    let sleeper = a.client().await;
+    let sleeping = tokio::spawn(async move { sleeper.simple_query("SELECT pg_sleep(0.5)").await });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(TempPostgres::active_backends(&ca).await, 1);
+    sleeping.await.unwrap().unwrap();
+    assert_eq!(TempPostgres::active_backends(&ca).await, 0);
 }
 
 #[test]
