@@ -55,8 +55,9 @@ fn single_start_is_fast() {
     let pg = TempPostgres::new();
     let took = started.elapsed();
     eprintln!("cluster up in {took:?}");
-    // Generous bound: the machine is shared; a warm start takes a few hundred ms.
-    assert!(took < Duration::from_secs(5), "startup took {took:?}");
+    // A warm start takes a few hundred ms; the bound only leaves room for a loaded machine
+    // and still catches a regression such as running initdb per cluster under load.
+    assert!(took < Duration::from_secs(10), "startup took {took:?}");
     let out = pg.psql(&["-tA", "-c", "SELECT 1"]);
     assert!(out.status.success(), "{out:?}");
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "1");
