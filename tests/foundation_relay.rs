@@ -274,3 +274,75 @@ async fn notices_reach_the_client() {
     }
     assert_eq!(got, ["first 1", "second 2"]);
 }
+
+/// Clients sharing a small transaction-mode pool each prepare statements under the same
+/// driver-chosen names (tokio-postgres numbers them per connection) and execute them later,
+/// possibly on another server connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prepared_statements_across_shared_server_connections() {
+    let (_pg, proxy) = setup(&["--pool-mode", "transaction", "--pool-size", "2"]).await;
+    const CLIENTS: usize = 8;
+    // One server connection sleeps while the clients prepare, so every Parse lands on the
+    // other one; executions afterwards spread over both.
+    let sleeper = proxy.client().await;
+    let sleeping = tokio::spawn(async move { sleeper.simple_query("SELECT pg_sleep(1)").await });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let start = std::sync::Arc::new(tokio::sync::Barrier::new(CLIENTS + 1));
+    let barrier = std::sync::Arc::new(tokio::sync::Barrier::new(CLIENTS));
+    let mut tasks = tokio::task::JoinSet::new();
+    for client_no in 0..CLIENTS as i64 {
+        let (url, barrier, start) = (proxy.url(), barrier.clone(), start.clone());
+        tasks.spawn(async move {
+            let c = common::connect(&url).await;
+            let prepared = async {
+                let double = c.prepare("SELECT $1::bigint * 2").await?;
+                let label = c.prepare("SELECT $1::text || '-' || $2::bigint").await?;
+                Ok::<_, tokio_postgres::Error>((double, label))
+            }
+            .await;
+            // Every client prepares before any executes, and each round of executions waits
+            // for all clients, so preparing and executing interleave across the pool.
+            start.wait().await;
+            let mut first_err = prepared.as_ref().err().map(|e| format!("prepare: {e:?}"));
+            for i in 0..25i64 {
+                if let (None, Ok((double, label))) = (&first_err, &prepared) {
+                    let x = client_no * 100 + i;
+                    let round = async {
+                        let v: i64 = c.query_one(double, &[&x]).await?.get(0);
+                        let s: String = c.query_one(label, &[&"c", &i]).await?.get(0);
+                        Ok::<_, tokio_postgres::Error>((v, s))
+                    };
+                    match round.await {
+                        Ok((v, s)) if v == x * 2 && s == format!("c-{i}") => {}
+                        Ok(other) => first_err = Some(format!("round {i}: wrong {other:?}")),
+                        Err(e) => first_err = Some(format!("round {i}: {e:?}")),
+                    }
+                }
+                barrier.wait().await;
+            }
+            first_err.map_or(Ok(()), Err)
+        });
+    }
+    sleeping.await.unwrap().expect("sleeper query");
+    start.wait().await;
+    while let Some(res) = tasks.join_next().await {
+        if let Err(e) = res.expect("client task panicked") {
+            panic!("prepared statement use failed: {e:?}");
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_endpoints_answer() {
+    let (_pg, proxy) = setup(&[]).await;
+    let c = proxy.client().await;
+    c.simple_query("SELECT 1").await.unwrap();
+
+    let (status, _) = proxy.http_get("/healthz").await;
+    assert_eq!(status, 200);
+    let (status, body) = proxy.http_get("/metrics").await;
+    assert_eq!(status, 200);
+    assert!(body.contains("pgsluice_client_connections"), "{body}");
+    let (status, _) = proxy.http_get("/no-such-page").await;
+    assert_eq!(status, 404);
+}

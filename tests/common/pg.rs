@@ -218,6 +218,82 @@ fn template_dir() -> &'static Path {
     })
 }
 
+/// Records which test process created a cluster directory.
+const OWNER_FILE: &str = "owner.pid";
+
+/// Stops clusters whose test process died without running Drop (e.g. killed on timeout),
+/// so they do not pile up across runs. Done once per process.
+fn sweep_orphans() {
+    static DONE: OnceLock<()> = OnceLock::new();
+    DONE.get_or_init(|| {
+        let Ok(entries) = fs::read_dir(std::env::temp_dir()) else {
+            return;
+        };
+        for entry in entries.flatten() {
+            let dir = entry.path();
+            let is_ours = dir
+                .file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with("pgsluice-pg") && !n.contains("template"));
+            let Some(owner) = fs::read_to_string(dir.join(OWNER_FILE))
+                .ok()
+                .and_then(|t| t.trim().parse::<u32>().ok())
+            else {
+                continue;
+            };
+            if !is_ours || Path::new(&format!("/proc/{owner}")).exists() {
+                continue;
+            }
+            let pid_file = dir.join("data").join("postmaster.pid");
+            if let Some(pm) = fs::read_to_string(&pid_file)
+                .ok()
+                .and_then(|t| t.lines().next()?.trim().parse::<i32>().ok())
+            {
+                // Only signal a process that really is a postgres server for this dir.
+                let cmdline = fs::read(format!("/proc/{pm}/cmdline")).unwrap_or_default();
+                let data = dir.join("data");
+                let needle = data.to_string_lossy();
+                if String::from_utf8_lossy(&cmdline).contains(needle.as_ref()) {
+                    kill_cluster(pm);
+                }
+            }
+            let _ = fs::remove_dir_all(&dir);
+        }
+    });
+}
+
+/// Ends a postmaster and its children, even if they were left frozen with SIGSTOP.
+fn kill_cluster(pm: i32) {
+    let children = || -> Vec<i32> {
+        fs::read_dir("/proc")
+            .map(|rd| {
+                rd.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
+                    .filter(|pid| parent_pid(*pid) == Some(pm))
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    // SAFETY: kill(2) on a postmaster of a dead test process and on its children.
+    unsafe {
+        for pid in children() {
+            libc::kill(pid, libc::SIGCONT);
+        }
+        libc::kill(pm, libc::SIGCONT);
+        libc::kill(pm, libc::SIGQUIT);
+    }
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while Path::new(&format!("/proc/{pm}")).exists() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // SAFETY: as above.
+    unsafe {
+        for pid in children() {
+            libc::kill(pid, libc::SIGKILL);
+        }
+        libc::kill(pm, libc::SIGKILL);
+    }
+}
+
 fn free_port() -> u16 {
     // Bind :0 so the kernel picks an unused port, then release it for the postmaster.
     // Another process may grab it in between; startup retries on a fresh port then.
@@ -245,12 +321,15 @@ impl TempPostgres {
     }
 
     fn launch(opts: Builder) -> TempPostgres {
+        sweep_orphans();
         let dir = tempfile::Builder::new()
             .prefix("pgsluice-pg")
             .tempdir()
             .expect("create temp dir");
         let data = dir.path().join("data");
         let log = dir.path().join("postgres.log");
+        fs::write(dir.path().join(OWNER_FILE), std::process::id().to_string())
+            .expect("write owner file");
         let st = Command::new("cp")
             .arg("-a")
             .arg(template_dir())
