@@ -370,14 +370,12 @@ impl RelayState {
                         }
                         expect.on_ready();
                     }
-                    b'1' | b'3' => {
-                        if expect.on_complete(ev.tag) == Verdict::Strip {
-                            let end = at + ev.end;
-                            let start = end - (5 + ev.len);
-                            if start >= pos {
-                                strip = Some((start, end));
-                                return ControlFlow::Break(());
-                            }
+                    b'1' | b'3' if expect.on_complete(ev.tag) == Verdict::Strip => {
+                        let end = at + ev.end;
+                        let start = end - (5 + ev.len);
+                        if start >= pos {
+                            strip = Some((start, end));
+                            return ControlFlow::Break(());
                         }
                     }
                     b'E' => {
