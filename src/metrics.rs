@@ -25,6 +25,7 @@ pub const CIRCUIT_STATE: &str = "pgsluice_circuit_state";
 pub const SERVER_CONNECTS_TOTAL: &str = "pgsluice_server_connects_total";
 pub const PAUSED: &str = "pgsluice_paused";
 pub const CONFIG_RELOADS_TOTAL: &str = "pgsluice_config_reloads_total";
+pub const IDENTITY_SHED_TOTAL: &str = "pgsluice_identity_shed_total";
 
 /// (name, help) for every metric, used to describe them to the exporter.
 pub const ALL: &[(&str, &str)] = &[
@@ -43,6 +44,7 @@ pub const ALL: &[(&str, &str)] = &[
     (SERVER_CONNECTS_TOTAL, "Attempts to open a server connection, by pool and outcome (ok, error)."),
     (PAUSED, "1 while the proxy is paused (new queries wait instead of going upstream)."),
     (CONFIG_RELOADS_TOTAL, "Configuration reloads (SIGHUP or POST /reload), by outcome (ok, error)."),
+    (IDENTITY_SHED_TOTAL, "Queries refused before running, by client identity (capped by --identity-label-cap, the rest folded into identity=other) and reason."),
 ];
 
 /// How a metric is recorded, which decides how it is described to the exporter.
@@ -63,7 +65,8 @@ pub fn kind(name: &str) -> Option<Kind> {
         | SHED_TOTAL
         | CANCELS_TOTAL
         | SERVER_CONNECTS_TOTAL
-        | CONFIG_RELOADS_TOTAL => Kind::Counter,
+        | CONFIG_RELOADS_TOTAL
+        | IDENTITY_SHED_TOTAL => Kind::Counter,
         _ => return None,
     })
 }
