@@ -18,6 +18,8 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tracing::{info, warn};
 
+const NEVER: u64 = u64::MAX;
+
 /// State every session and background task shares.
 pub struct Shared {
     config: RwLock<Arc<Config>>,
@@ -33,7 +35,8 @@ pub struct Shared {
     shutdown: watch::Sender<bool>,
     pub upstream_up: AtomicBool,
     started: Instant,
-    /// Milliseconds since start of the last shed log line (rate limit).
+    /// Milliseconds since start of the last shed log line (rate limit); `NEVER` before the
+    /// first one, so a shed right after start is logged too.
     last_shed_log: AtomicU64,
     suppressed_sheds: AtomicU64,
     /// Bounds the identity label's values; fixed at start (not changed by reload).
@@ -158,7 +161,7 @@ impl Shared {
         .increment(1);
         let now = self.started.elapsed().as_millis() as u64;
         let last = self.last_shed_log.load(Ordering::Relaxed);
-        if now.saturating_sub(last) >= 1000
+        if (last == NEVER || now.saturating_sub(last) >= 1000)
             && self
                 .last_shed_log
                 .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
@@ -281,7 +284,7 @@ pub async fn start(cfg: Config) -> Result<ProxyHandle> {
         shutdown,
         upstream_up: AtomicBool::new(false),
         started: Instant::now(),
-        last_shed_log: AtomicU64::new(0),
+        last_shed_log: AtomicU64::new(NEVER),
         suppressed_sheds: AtomicU64::new(0),
         identity_labels,
     });

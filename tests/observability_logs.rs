@@ -61,6 +61,7 @@ async fn json_logs_sighup_reload_and_sigterm() {
         .args(["--admin-listen", &admin.to_string()])
         .args(["--upstream", &pg.url()])
         .args(["--log-format", "json", "--health-interval", "200ms"])
+        .args(["--queue-timeout", "300ms"])
         .arg("--config")
         .arg(&file)
         .env_remove("PGSLUICE_LOG")
@@ -95,6 +96,13 @@ async fn json_logs_sighup_reload_and_sigterm() {
     eprintln!("ready after {:?}", t0.elapsed());
     let c = connect(&url).await;
     c.batch_execute("SELECT 1").await.unwrap();
+
+    // A refusal while paused, so a session-level line is logged.
+    assert_eq!(http_request(admin, "POST", "/pause").await.0, 200);
+    let e = c.batch_execute("SELECT 1").await.unwrap_err();
+    let code = e.as_db_error().map(|d| d.code().code().to_string());
+    assert_eq!(code.as_deref(), Some("57P03"), "{e:?}");
+    assert_eq!(http_request(admin, "POST", "/resume").await.0, 200);
 
     std::fs::write(&file, "max-active = 5\n").unwrap();
     signal(&child, libc::SIGHUP);
@@ -141,8 +149,25 @@ async fn json_logs_sighup_reload_and_sigterm() {
         "pgsluice listening",
         "upstream is up",
         "configuration reloaded",
+        "paused by admin request",
+        "resumed by admin request",
         "stopped",
     ] {
         assert!(has(msg), "no {msg:?} line in:\n{logs}");
     }
+    let shed = lines
+        .iter()
+        .find(|l| l["fields"]["message"] == "query shed")
+        .unwrap_or_else(|| panic!("no shed line in:\n{logs}"));
+    assert_eq!(shed["level"], "WARN", "{shed}");
+    assert_eq!(shed["fields"]["identity"], "logtest", "{shed}");
+    assert_eq!(shed["fields"]["reason"], "paused", "{shed}");
+    // Session lines carry the client connection's span.
+    assert_eq!(shed["span"]["name"], "client", "{shed}");
+    assert!(
+        shed["span"]["peer"]
+            .as_str()
+            .is_some_and(|p| p.starts_with("127.0.0.1:")),
+        "{shed}"
+    );
 }
