@@ -51,12 +51,12 @@ impl AdminBackend for Backend {
 
     fn pause(&self) {
         tracing::warn!("paused: new queries wait until resumed");
-        self.0.guard.pause();
+        self.0.pause();
     }
 
     fn resume(&self) {
         tracing::info!("resumed");
-        self.0.guard.resume();
+        self.0.resume();
     }
 
     fn reload(&self) -> Result<(), String> {

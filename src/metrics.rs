@@ -25,6 +25,7 @@ pub const CIRCUIT_STATE: &str = "pgsluice_circuit_state";
 pub const SERVER_CONNECTS_TOTAL: &str = "pgsluice_server_connects_total";
 pub const PAUSED: &str = "pgsluice_paused";
 pub const CONFIG_RELOADS_TOTAL: &str = "pgsluice_config_reloads_total";
+pub const IDENTITY_SHED_TOTAL: &str = "pgsluice_identity_shed_total";
 
 /// (name, help) for every metric, used to describe them to the exporter.
 pub const ALL: &[(&str, &str)] = &[
@@ -35,14 +36,15 @@ pub const ALL: &[(&str, &str)] = &[
     (QUEUE_DEPTH, "Queries waiting for a concurrency slot."),
     (QUEUE_WAIT_SECONDS, "Time a query waited for a slot, admitted or not."),
     (QUERY_DURATION_SECONDS, "Time from a query's first byte upstream to its ReadyForQuery."),
-    (QUERIES_TOTAL, "Queries by outcome (ok, error, shed, timeout, cancelled, upstream_lost)."),
+    (QUERIES_TOTAL, "Queries by outcome (ok, error, shed, timeout, cancelled, upstream_lost, abandoned)."),
     (SHED_TOTAL, "Queries refused before running, by reason (queue_full, standing_queue, queue_timeout, circuit_open, paused, cohort)."),
-    (CANCELS_TOTAL, "Cancels sent upstream, by cause (client_gone, client_request, query_timeout, idle_in_transaction)."),
+    (CANCELS_TOTAL, "Cancels pgsluice sent upstream on its own, by cause (client_gone, query_timeout, idle_in_transaction, protocol_error)."),
     (UPSTREAM_UP, "1 when the upstream answered its latest health check."),
     (CIRCUIT_STATE, "Circuit breaker state: 0 closed, 1 half-open, 2 open."),
     (SERVER_CONNECTS_TOTAL, "Attempts to open a server connection, by pool and outcome (ok, error)."),
     (PAUSED, "1 while the proxy is paused (new queries wait instead of going upstream)."),
     (CONFIG_RELOADS_TOTAL, "Configuration reloads (SIGHUP or POST /reload), by outcome (ok, error)."),
+    (IDENTITY_SHED_TOTAL, "Queries refused before running, by client identity (capped by --identity-label-cap, the rest folded into identity=other) and reason."),
 ];
 
 /// How a metric is recorded, which decides how it is described to the exporter.
@@ -63,7 +65,8 @@ pub fn kind(name: &str) -> Option<Kind> {
         | SHED_TOTAL
         | CANCELS_TOTAL
         | SERVER_CONNECTS_TOTAL
-        | CONFIG_RELOADS_TOTAL => Kind::Counter,
+        | CONFIG_RELOADS_TOTAL
+        | IDENTITY_SHED_TOTAL => Kind::Counter,
         _ => return None,
     })
 }

@@ -18,6 +18,8 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tracing::{info, warn};
 
+const NEVER: u64 = u64::MAX;
+
 /// State every session and background task shares.
 pub struct Shared {
     config: RwLock<Arc<Config>>,
@@ -33,9 +35,12 @@ pub struct Shared {
     shutdown: watch::Sender<bool>,
     pub upstream_up: AtomicBool,
     started: Instant,
-    /// Milliseconds since start of the last shed log line (rate limit).
+    /// Milliseconds since start of the last shed log line (rate limit); `NEVER` before the
+    /// first one, so a shed right after start is logged too.
     last_shed_log: AtomicU64,
     suppressed_sheds: AtomicU64,
+    /// Bounds the identity label's values; fixed at start (not changed by reload).
+    identity_labels: m::LabelCap,
 }
 
 pub fn guard_config(cfg: &Config) -> GuardConfig {
@@ -87,7 +92,15 @@ impl Shared {
     }
 
     /// Re-reads the configuration file; an invalid one leaves everything as it was.
+    /// Every attempt (SIGHUP or POST /reload) is counted by outcome.
     pub fn reload(&self) -> Result<(), String> {
+        let res = self.reload_inner();
+        let outcome = if res.is_ok() { "ok" } else { "error" };
+        metrics::counter!(m::CONFIG_RELOADS_TOTAL, "outcome" => outcome).increment(1);
+        res
+    }
+
+    fn reload_inner(&self) -> Result<(), String> {
         let old = self.config();
         let mut new = old.reload().map_err(|e| e.to_string())?;
         let users = load_users(&new).map_err(|e| e.to_string())?;
@@ -126,11 +139,29 @@ impl Shared {
             .increment(1);
     }
 
-    /// Logs a shed at most once a second, with how many were folded into it.
+    /// New queries wait (and in time are refused) until [`Shared::resume`].
+    pub fn pause(&self) {
+        self.guard.pause();
+        metrics::gauge!(m::PAUSED).set(1.0);
+    }
+
+    pub fn resume(&self) {
+        self.guard.resume();
+        metrics::gauge!(m::PAUSED).set(0.0);
+    }
+
+    /// Counts a shed per identity and logs it at most once a second, with how many were
+    /// folded into the logged line.
     pub fn log_shed(&self, identity: &str, shed: &Shed) {
+        metrics::counter!(
+            m::IDENTITY_SHED_TOTAL,
+            "identity" => self.identity_labels.label(identity).to_string(),
+            "reason" => shed.reason.as_str()
+        )
+        .increment(1);
         let now = self.started.elapsed().as_millis() as u64;
         let last = self.last_shed_log.load(Ordering::Relaxed);
-        if now.saturating_sub(last) >= 1000
+        if (last == NEVER || now.saturating_sub(last) >= 1000)
             && self
                 .last_shed_log
                 .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
@@ -171,6 +202,7 @@ impl Shared {
         );
         metrics::gauge!(m::CIRCUIT_STATE, "upstream" => up)
             .set(self.guard.circuit_state().as_gauge());
+        metrics::gauge!(m::PAUSED).set(if self.guard.is_paused() { 1.0 } else { 0.0 });
     }
 }
 
@@ -237,6 +269,7 @@ pub async fn start(cfg: Config) -> Result<ProxyHandle> {
     };
     let admin_addr = admin_listener.as_ref().and_then(|l| l.local_addr().ok());
     let (shutdown, _) = watch::channel(false);
+    let identity_labels = m::LabelCap::new(cfg.identity_label_cap);
     let shared = Arc::new(Shared {
         pools: PoolRegistry::new(&cfg, guard.clone(), users.clone()),
         config: RwLock::new(Arc::new(cfg)),
@@ -251,8 +284,9 @@ pub async fn start(cfg: Config) -> Result<ProxyHandle> {
         shutdown,
         upstream_up: AtomicBool::new(false),
         started: Instant::now(),
-        last_shed_log: AtomicU64::new(0),
+        last_shed_log: AtomicU64::new(NEVER),
         suppressed_sheds: AtomicU64::new(0),
+        identity_labels,
     });
     let mut tasks = vec![tokio::spawn(health_loop(shared.clone()))];
     if let Some(l) = admin_listener {
@@ -293,7 +327,14 @@ async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
         }
         let sh = shared.clone();
         tokio::spawn(async move {
-            let span = tracing::info_span!("client", %peer);
+            // Filled in by the session once the startup packet names them.
+            let span = tracing::info_span!(
+                "client",
+                %peer,
+                identity = tracing::field::Empty,
+                database = tracing::field::Empty,
+                user = tracing::field::Empty,
+            );
             let _ =
                 tracing::Instrument::instrument(crate::session::run(sock, sh.clone()), span).await;
             sh.clients_total.fetch_sub(1, Ordering::AcqRel);
