@@ -34,6 +34,8 @@ struct EntryState {
 /// One client's registration.
 pub struct CancelEntry {
     pub pid: i32,
+    /// Pool label of the client, for metrics.
+    pub pool: Arc<str>,
     secret: i32,
     state: Mutex<EntryState>,
     /// Wakes a session whose query is still queued: it answers 57014 itself.
@@ -101,7 +103,7 @@ impl CancelRegistry {
         }
     }
 
-    pub fn register(self: &Arc<Self>) -> Arc<CancelEntry> {
+    pub fn register(self: &Arc<Self>, pool: Arc<str>) -> Arc<CancelEntry> {
         let mut entries = self.entries.lock();
         loop {
             // Positive, non-zero and unused: some clients treat pid 0 as "no key".
@@ -112,6 +114,7 @@ impl CancelRegistry {
             }
             let e = Arc::new(CancelEntry {
                 pid,
+                pool: pool.clone(),
                 secret: rand::random(),
                 state: Mutex::new(EntryState::default()),
                 queued_cancel: Notify::new(),
@@ -163,8 +166,15 @@ impl CancelRegistry {
             s.in_flight -= 1;
         }
         entry.delivered.notify_waiters();
-        if let Err(e) = res {
-            tracing::warn!(error = %e, backend_pid = target.pid, "could not deliver cancel to upstream");
+        metrics::counter!(crate::metrics::CANCELS_TOTAL, "pool" => entry.pool.to_string(), "cause" => "client_request")
+            .increment(1);
+        match res {
+            Ok(()) => {
+                tracing::info!(cause = "client_request", pool = %entry.pool, "cancel forwarded to upstream")
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, backend_pid = target.pid, "could not deliver cancel to upstream")
+            }
         }
         CancelOutcome::Forwarded
     }
@@ -206,7 +216,7 @@ mod tests {
     #[tokio::test]
     async fn wrong_secret_or_idle_is_dropped() {
         let reg = Arc::new(CancelRegistry::new());
-        let e = reg.register();
+        let e = reg.register("db/u".into());
         let secret = CancelRegistry::secret_of(&e);
         e.queued.store(true, Ordering::Release);
         assert_eq!(

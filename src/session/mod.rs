@@ -71,7 +71,11 @@ pub async fn run(mut client: TcpStream, shared: Arc<Shared>) {
         .clone()
         .unwrap_or_else(|| info.user.clone())
         .into();
-    let entry = shared.cancels.register();
+    tracing::Span::current()
+        .record("identity", &*identity)
+        .record("database", info.database.as_str())
+        .record("user", info.user.as_str());
+    let entry = shared.cancels.register(pool.label.clone());
     let client_id = shared.next_client_id();
     let mut st = RelayState::new();
     if cfg.pool_mode == PoolMode::Transaction {
