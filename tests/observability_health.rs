@@ -3,7 +3,6 @@
 //!
 //! Tests here read process-wide gauges and counters, so they take turns.
 
-#[allow(unused_imports)]
 mod common;
 
 use std::net::SocketAddr;

@@ -1,6 +1,5 @@
 //! The real binary: JSON logs on stderr, SIGHUP reload and SIGTERM shutdown.
 
-#[allow(unused_imports)]
 mod common;
 
 use std::io::Read;

@@ -3,7 +3,6 @@
 //! The metrics recorder is process-wide, so this file holds a single test and compares
 //! deltas taken before and after the load.
 
-#[allow(unused_imports)]
 mod common;
 
 use std::collections::BTreeSet;

@@ -1,6 +1,5 @@
 //! A real Prometheus server scrapes the admin endpoint and can query pgsluice's series.
 
-#[allow(unused_imports)]
 mod common;
 
 use std::net::{SocketAddr, TcpListener};
