@@ -288,6 +288,8 @@ impl Session {
         if !self.st.c2s.has_spare() {
             return Ok(true);
         }
+        // Taking spare room may rewind an empty buffer to offset 0: read `end` after it.
+        let _ = self.st.c2s.spare();
         let from = self.st.c2s.end;
         match self.client.try_read(self.st.c2s.spare()) {
             Ok(0) => {

@@ -156,6 +156,8 @@ impl RelayState {
                 continue;
             }
             if end - self.rw_pos < 5 {
+                // A header cut by the end of the buffer: make sure the rest can be read.
+                self.c2s.grow_to(self.rw_pos + 5);
                 return;
             }
             let h = self.c2s.slice(self.rw_pos, self.rw_pos + 5);
@@ -453,6 +455,7 @@ fn poll_relay(
             }
         }
         if !st.terminated && !st.client_eof && st.c2s.has_spare() {
+            let _ = st.c2s.spare();
             let from = st.c2s.end;
             let mut rb = ReadBuf::new(st.c2s.spare());
             match Pin::new(&mut *client).poll_read(cx, &mut rb) {
@@ -496,7 +499,13 @@ fn poll_relay(
                 Poll::Pending => {}
             }
         }
+        if !st.s2c.has_spare() && st.s2c_limit() <= st.s2c.pos {
+            // A held message cut by the end of a full buffer: room for the rest of it.
+            let end = st.s2c.end;
+            st.s2c.grow_to(end + 16);
+        }
         if st.s2c.has_spare() && st.s2c_limit() <= st.s2c.pos {
+            let _ = st.s2c.spare();
             let from = st.s2c.end;
             let mut rb = ReadBuf::new(st.s2c.spare());
             match Pin::new(&mut server.stream).poll_read(cx, &mut rb) {
