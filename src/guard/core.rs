@@ -443,7 +443,9 @@ impl<T> Core<T> {
     fn wake_at(&self, w: &Waiter<T>) -> Instant {
         match self.nonempty_since {
             Some(since) if !w.in_tx && !self.paused => {
-                let codel = later(since, self.cfg.codel_interval)
+                // Standing from when both the queue and its oldest waiter are an interval old.
+                let oldest = self.oldest_normal().unwrap_or(w.enqueued);
+                let codel = later(since.max(oldest), self.cfg.codel_interval)
                     .max(later(w.enqueued, self.cfg.codel_target));
                 codel.min(w.expires)
             }
