@@ -78,6 +78,21 @@ async fn proxy_backends(direct: &tokio_postgres::Client) -> i64 {
         .get(0)
 }
 
+/// First column of the first row, over the simple protocol: tokio-postgres names its
+/// prepared statements, and those do not follow a client across pooled server connections.
+async fn scalar(c: &tokio_postgres::Client, sql: &str) -> String {
+    let msgs = c
+        .simple_query(sql)
+        .await
+        .unwrap_or_else(|e| panic!("{sql}: {e:?}"));
+    msgs.iter()
+        .find_map(|m| match m {
+            tokio_postgres::SimpleQueryMessage::Row(r) => r.get(0).map(str::to_string),
+            _ => None,
+        })
+        .unwrap_or_else(|| panic!("{sql}: no row"))
+}
+
 /// Polls `/pools` until the guard reports at least `n` queued queries.
 async fn wait_queued(proxy: &TestProxy, n: u64, limit: Duration) {
     let deadline = Instant::now() + limit;
@@ -219,8 +234,7 @@ async fn client_close_cancels_backend_quickly() {
     );
     // And the proxy still serves.
     let c = proxy.client().await;
-    let v: i32 = c.query_one("SELECT 5", &[]).await.unwrap().get(0);
-    assert_eq!(v, 5);
+    assert_eq!(scalar(&c, "SELECT 5").await, "5");
 
     latencies.sort();
     let (p50, p99, max) = (
@@ -261,8 +275,7 @@ async fn cancel_request_stops_running_query() {
     assert_eq!(err.code(), Some(&SqlState::QUERY_CANCELED), "{err}");
     assert!(took < Duration::from_secs(1), "cancel took {took:?}");
     println!("cancel request -> 57014 in {took:?}");
-    let v: i32 = c.query_one("SELECT 1", &[]).await.unwrap().get(0);
-    assert_eq!(v, 1);
+    assert_eq!(scalar(&c, "SELECT 1").await, "1");
     assert_eq!(running_with(&direct, "cancel-me").await, 0);
 }
 
@@ -398,8 +411,7 @@ async fn query_timeout_cancels_and_session_continues() {
         idle.is_some(),
         "pg_sleep(5) still running 500 ms after the error"
     );
-    let v: i32 = c.query_one("SELECT 1", &[]).await.unwrap().get(0);
-    assert_eq!(v, 1);
+    assert_eq!(scalar(&c, "SELECT 1").await, "1");
     println!("query timeout error after {took:?}");
 }
 
@@ -455,8 +467,7 @@ async fn cancel_of_queued_query_answers_at_once() {
         "X finished first: the cancel was not answered at once"
     );
     x_run.await.unwrap().expect("X's query");
-    let v: i32 = y.query_one("SELECT 7", &[]).await.unwrap().get(0);
-    assert_eq!(v, 7);
+    assert_eq!(scalar(&y, "SELECT 7").await, "7");
     println!("queued cancel answered in {took:?}");
 }
 
@@ -506,8 +517,7 @@ async fn client_leaving_queue_starts_no_work() {
         assert_eq!(seen, 0, "the departed client's query reached the server");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let v: i32 = x.query_one("SELECT 3", &[]).await.unwrap().get(0);
-    assert_eq!(v, 3);
+    assert_eq!(scalar(&x, "SELECT 3").await, "3");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
