@@ -636,3 +636,62 @@ async fn idle_in_transaction_timeout_closes_and_rolls_back() {
     }
     println!("idle-in-transaction close after {took:?}");
 }
+
+/// A backend that cannot answer the cancel (frozen) must not keep its pooled connection:
+/// after --cancel-grace the proxy closes it and serves others on a fresh one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unresponsive_backend_is_dropped_after_grace() {
+    let pg = cluster().await;
+    let proxy = TestProxy::start(&pg, &["--pool-size", "1", "--cancel-grace", "500ms"]).await;
+    let direct = pg.client().await;
+    let mut raw = RawClient::connect(proxy.addr(), "frozen").await;
+    raw.send_query("SELECT pg_sleep(30) /* frozen-backend */")
+        .await;
+    wait_running(&direct, "frozen-backend", Duration::from_secs(5)).await;
+    let pid: i32 = direct
+        .query_one(
+            "SELECT pid FROM pg_stat_activity \
+             WHERE pid <> pg_backend_pid() AND strpos(query, 'frozen-backend') > 0",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    // SAFETY: kill(2) on a backend of the cluster this test started.
+    unsafe { libc::kill(pid, libc::SIGSTOP) };
+    let killed = Instant::now();
+    drop(raw);
+    // The only pooled connection is stuck; a new client is served once the grace expires.
+    let c = proxy.client().await;
+    let res = tokio::time::timeout(Duration::from_secs(5), scalar(&c, "SELECT 11")).await;
+    let took = killed.elapsed();
+    // SAFETY: as above.
+    unsafe { libc::kill(pid, libc::SIGCONT) };
+    assert_eq!(
+        res.expect("no query served while a frozen backend held the pool"),
+        "11"
+    );
+    assert!(
+        took >= Duration::from_millis(400),
+        "served before the grace: {took:?}"
+    );
+    assert!(took < Duration::from_secs(3), "served after {took:?}");
+    println!("frozen backend replaced {took:?} after the client left");
+    // Resumed, the frozen backend finds its connection closed and exits.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let alive: i64 = direct
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity WHERE pid = $1",
+                &[&pid],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        if alive == 0 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "frozen backend {pid} lingers");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
