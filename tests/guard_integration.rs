@@ -4,12 +4,15 @@
 // Each test binary uses a subset of the shared helpers.
 #[allow(unused_imports)]
 mod common;
+#[path = "guard_integration/load.rs"]
+mod load;
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::{connect, try_connect, TempPostgres, TestProxy};
+use common::{try_connect, TempPostgres, TestProxy};
+use load::{join_all, spawn_loopers, Tally};
 use tokio_postgres::error::SqlState;
 
 async fn cluster() -> TempPostgres {
@@ -39,95 +42,6 @@ fn median(v: &mut [Duration]) -> Duration {
     assert!(!v.is_empty(), "no samples");
     v.sort();
     v[v.len() / 2]
-}
-
-#[derive(Default)]
-struct Tally {
-    ok: AtomicU64,
-    shed: AtomicU64,
-    unavailable: AtomicU64,
-    other: AtomicU64,
-    /// Shed count by the reason named in the HINT.
-    reasons: parking_lot::Mutex<std::collections::BTreeMap<String, u64>>,
-}
-
-impl Tally {
-    fn record(&self, res: &Result<Vec<tokio_postgres::SimpleQueryMessage>, tokio_postgres::Error>) {
-        let counter = match res {
-            Ok(_) => &self.ok,
-            Err(e) if e.code() == Some(&SqlState::CONFIGURATION_LIMIT_EXCEEDED) => {
-                let hint = e.as_db_error().and_then(|d| d.hint()).unwrap_or_default();
-                let reason = hint
-                    .split_once('(')
-                    .and_then(|(_, r)| r.split_once(')'))
-                    .map_or("?", |(r, _)| r);
-                *self.reasons.lock().entry(reason.to_string()).or_default() += 1;
-                &self.shed
-            }
-            Err(e) if e.code() == Some(&SqlState::CANNOT_CONNECT_NOW) => &self.unavailable,
-            Err(e) => {
-                eprintln!("unexpected error: {e:?}");
-                &self.other
-            }
-        };
-        counter.fetch_add(1, Ordering::Relaxed);
-    }
-
-    fn get(&self) -> (u64, u64, u64, u64) {
-        (
-            self.ok.load(Ordering::Relaxed),
-            self.shed.load(Ordering::Relaxed),
-            self.unavailable.load(Ordering::Relaxed),
-            self.other.load(Ordering::Relaxed),
-        )
-    }
-}
-
-/// `n` clients of identity `app` loop `sql` until `stop`; returns their tasks, each yielding
-/// the latencies of its successful queries.
-async fn spawn_loopers(
-    proxy: &TestProxy,
-    app: &str,
-    n: usize,
-    sql: &'static str,
-    stop: &Arc<AtomicBool>,
-    tally: &Arc<Tally>,
-) -> Vec<tokio::task::JoinHandle<Vec<Duration>>> {
-    let mut tasks = Vec::new();
-    for _ in 0..n {
-        let c = connect(&app_url(proxy, app)).await;
-        let (stop, tally) = (stop.clone(), tally.clone());
-        tasks.push(tokio::spawn(async move {
-            let mut lat = Vec::new();
-            for _ in 0..100_000 {
-                if stop.load(Ordering::Relaxed) {
-                    break;
-                }
-                let t = Instant::now();
-                let res = c.simple_query(sql).await;
-                tally.record(&res);
-                match res {
-                    Ok(_) => lat.push(t.elapsed()),
-                    // A shed query never ran; back off a little before retrying.
-                    Err(_) => tokio::time::sleep(Duration::from_millis(25)).await,
-                }
-            }
-            lat
-        }));
-    }
-    tasks
-}
-
-async fn join_all(tasks: Vec<tokio::task::JoinHandle<Vec<Duration>>>) -> Vec<Duration> {
-    let mut all = Vec::new();
-    for t in tasks {
-        let lat = tokio::time::timeout(Duration::from_secs(15), t)
-            .await
-            .expect("client loop hung")
-            .expect("client loop panicked");
-        all.extend(lat);
-    }
-    all
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
