@@ -58,19 +58,31 @@ impl Breaker {
         match self.state {
             State::Closed { .. } => Pass::Yes,
             State::Open { until } if now < until => Pass::No,
-            State::Open { .. } | State::HalfOpen { probe_in_flight: false } => {
-                self.state = State::HalfOpen { probe_in_flight: true };
+            State::Open { .. }
+            | State::HalfOpen {
+                probe_in_flight: false,
+            } => {
+                self.state = State::HalfOpen {
+                    probe_in_flight: true,
+                };
                 Pass::Probe
             }
-            State::HalfOpen { probe_in_flight: true } => Pass::No,
+            State::HalfOpen {
+                probe_in_flight: true,
+            } => Pass::No,
         }
     }
 
     /// The probe left without a verdict (shed, abandoned, or finished without a report):
     /// let the next request probe instead.
     pub(crate) fn probe_abandoned(&mut self) {
-        if let State::HalfOpen { probe_in_flight: true } = self.state {
-            self.state = State::HalfOpen { probe_in_flight: false };
+        if let State::HalfOpen {
+            probe_in_flight: true,
+        } = self.state
+        {
+            self.state = State::HalfOpen {
+                probe_in_flight: false,
+            };
         }
     }
 

@@ -64,7 +64,8 @@ impl Cohorts {
         let epoch = if self.rotation.is_zero() {
             0
         } else {
-            let e = now.saturating_duration_since(self.origin).as_nanos() / self.rotation.as_nanos();
+            let e =
+                now.saturating_duration_since(self.origin).as_nanos() / self.rotation.as_nanos();
             (e % n as u128) as u64
         };
         ((bucket + epoch) % n) as u32

@@ -34,7 +34,10 @@ pub(crate) enum Admission {
     Granted(Grant),
     Shed(Shed),
     /// Waiting as `id`; look again (`check`) at `wake_at` if nothing arrives earlier.
-    Queued { id: u64, wake_at: Instant },
+    Queued {
+        id: u64,
+        wake_at: Instant,
+    },
 }
 
 /// A waiter's final outcome, to be delivered once the core's lock is released.
@@ -95,11 +98,22 @@ struct Pool {
     m: PoolMetrics,
 }
 
-fn pool_entry<'a>(pools: &'a mut HashMap<Arc<str>, Pool>, name: &Arc<str>, limit: usize) -> &'a mut Pool {
+fn pool_entry<'a>(
+    pools: &'a mut HashMap<Arc<str>, Pool>,
+    name: &Arc<str>,
+    limit: usize,
+) -> &'a mut Pool {
     if !pools.contains_key(&**name) {
         let m = PoolMetrics::new(name);
         m.limit.set(limit as f64);
-        pools.insert(name.clone(), Pool { active: 0, queued: 0, m });
+        pools.insert(
+            name.clone(),
+            Pool {
+                active: 0,
+                queued: 0,
+                m,
+            },
+        );
     }
     pools.get_mut(&**name).expect("pool entry just ensured")
 }
@@ -111,7 +125,9 @@ fn ident_entry<'a>(
 ) -> &'a mut Ident {
     if !idents.contains_key(&**name) {
         if idents.len() >= MAX_IDENTITIES {
-            idents.retain(|k, i| i.active > 0 || !i.queue.is_empty() || cfg.shares.contains_key(&**k));
+            idents.retain(|k, i| {
+                i.active > 0 || !i.queue.is_empty() || cfg.shares.contains_key(&**k)
+            });
         }
         let ident = Ident {
             weight: cfg.weight_of(name),
@@ -122,7 +138,9 @@ fn ident_entry<'a>(
         };
         idents.insert(name.clone(), ident);
     }
-    idents.get_mut(&**name).expect("identity entry just ensured")
+    idents
+        .get_mut(&**name)
+        .expect("identity entry just ensured")
 }
 
 /// Admission state of one upstream. `T` is what a waiter is woken with (a channel sender
@@ -148,7 +166,8 @@ pub(crate) struct Core<T> {
 
 impl<T> Core<T> {
     pub(crate) fn new(cfg: GuardConfig, now: Instant) -> Self {
-        let circuit_gauge = metrics::gauge!(names::CIRCUIT_STATE, "upstream" => cfg.upstream.clone());
+        let circuit_gauge =
+            metrics::gauge!(names::CIRCUIT_STATE, "upstream" => cfg.upstream.clone());
         circuit_gauge.set(CircuitState::Closed.as_gauge());
         Core {
             cohorts: Cohorts::new(cfg.cohorts, cfg.cohort_rotation, now),
@@ -197,7 +216,12 @@ impl<T> Core<T> {
                 .is_some_and(|t| now.saturating_duration_since(t) >= self.cfg.codel_interval)
     }
 
-    pub(crate) fn admit(&mut self, req: AdmitRequest, now: Instant, payload: impl FnOnce() -> T) -> Admission {
+    pub(crate) fn admit(
+        &mut self,
+        req: AdmitRequest,
+        now: Instant,
+        payload: impl FnOnce() -> T,
+    ) -> Admission {
         let probe = match self.breaker.pass(now) {
             Pass::No => {
                 self.sync_circuit_gauge(now);
@@ -218,11 +242,22 @@ impl<T> Core<T> {
         result
     }
 
-    fn admit_inner(&mut self, req: AdmitRequest, now: Instant, probe: bool, payload: impl FnOnce() -> T) -> Admission {
+    fn admit_inner(
+        &mut self,
+        req: AdmitRequest,
+        now: Instant,
+        probe: bool,
+        payload: impl FnOnce() -> T,
+    ) -> Admission {
         let limit = self.cfg.max_active;
         if req.in_transaction {
             if self.active < limit && self.tx_queue.is_empty() {
-                return Admission::Granted(self.grant_counts(req.pool, req.identity, Duration::ZERO, probe));
+                return Admission::Granted(self.grant_counts(
+                    req.pool,
+                    req.identity,
+                    Duration::ZERO,
+                    probe,
+                ));
             }
         } else {
             let mid_request = req
@@ -232,7 +267,12 @@ impl<T> Core<T> {
                 return Admission::Shed(self.shed_arrival(&req, ShedReason::Cohort));
             }
             if !self.paused && self.active < limit && self.waiters.is_empty() {
-                return Admission::Granted(self.grant_counts(req.pool, req.identity, Duration::ZERO, probe));
+                return Admission::Granted(self.grant_counts(
+                    req.pool,
+                    req.identity,
+                    Duration::ZERO,
+                    probe,
+                ));
             }
             if self.normal_queued >= self.cfg.max_queue {
                 return Admission::Shed(self.shed_arrival(&req, ShedReason::QueueFull));
@@ -302,7 +342,12 @@ impl<T> Core<T> {
 
     /// Look at one waiter on its timer: shed it if due, else say when to look again.
     /// `None` means it is no longer waiting.
-    pub(crate) fn check(&mut self, id: u64, now: Instant, out: &mut Vec<Completion<T>>) -> Option<Instant> {
+    pub(crate) fn check(
+        &mut self,
+        id: u64,
+        now: Instant,
+        out: &mut Vec<Completion<T>>,
+    ) -> Option<Instant> {
         let w = self.waiters.get(&id)?;
         if let Some(reason) = self.due_reason(w, now) {
             self.shed_waiter(id, reason, now, out);
@@ -376,7 +421,12 @@ impl<T> Core<T> {
 
     /// Live reload: nobody queued or running is dropped; a lower limit is reached as
     /// running queries finish. Waiters keep the timeout they were given.
-    pub(crate) fn update_config(&mut self, cfg: GuardConfig, now: Instant, out: &mut Vec<Completion<T>>) {
+    pub(crate) fn update_config(
+        &mut self,
+        cfg: GuardConfig,
+        now: Instant,
+        out: &mut Vec<Completion<T>>,
+    ) {
         for (name, ident) in self.idents.iter_mut() {
             ident.weight = cfg.weight_of(name);
         }
@@ -428,8 +478,14 @@ impl<T> Core<T> {
         let lifo = self.standing(now);
         let mut best: Option<(&Ident, u64)> = None;
         for name in &self.backlogged {
-            let Some(i) = self.idents.get(&**name) else { continue };
-            let cand = if lifo { i.queue.back() } else { i.queue.front() };
+            let Some(i) = self.idents.get(&**name) else {
+                continue;
+            };
+            let cand = if lifo {
+                i.queue.back()
+            } else {
+                i.queue.front()
+            };
             let Some(&cand) = cand else { continue };
             let better = match best {
                 None => true,
@@ -454,7 +510,10 @@ impl<T> Core<T> {
                 ShedReason::QueueTimeout
             });
         }
-        if !w.in_tx && self.standing(now) && now.saturating_duration_since(w.enqueued) >= self.cfg.codel_target {
+        if !w.in_tx
+            && self.standing(now)
+            && now.saturating_duration_since(w.enqueued) >= self.cfg.codel_target
+        {
             return Some(ShedReason::StandingQueue);
         }
         None
@@ -463,7 +522,8 @@ impl<T> Core<T> {
     fn wake_at(&self, w: &Waiter<T>) -> Instant {
         match self.nonempty_since {
             Some(since) if !w.in_tx && !self.paused => {
-                let codel = (since + self.cfg.codel_interval).max(w.enqueued + self.cfg.codel_target);
+                let codel =
+                    (since + self.cfg.codel_interval).max(w.enqueued + self.cfg.codel_target);
                 codel.min(w.expires)
             }
             _ => w.expires,
@@ -497,7 +557,13 @@ impl<T> Core<T> {
         Some(w)
     }
 
-    fn grant_counts(&mut self, pool: Arc<str>, identity: Arc<str>, waited: Duration, probe: bool) -> Grant {
+    fn grant_counts(
+        &mut self,
+        pool: Arc<str>,
+        identity: Arc<str>,
+        waited: Duration,
+        probe: bool,
+    ) -> Grant {
         self.active += 1;
         let p = pool_entry(&mut self.pools, &pool, self.cfg.max_active);
         p.active += 1;
@@ -514,7 +580,13 @@ impl<T> Core<T> {
         }
     }
 
-    fn shed_waiter(&mut self, id: u64, reason: ShedReason, now: Instant, out: &mut Vec<Completion<T>>) {
+    fn shed_waiter(
+        &mut self,
+        id: u64,
+        reason: ShedReason,
+        now: Instant,
+        out: &mut Vec<Completion<T>>,
+    ) {
         if let Some(w) = self.remove_waiter(id) {
             if w.probe {
                 self.breaker.probe_abandoned();
@@ -533,7 +605,13 @@ impl<T> Core<T> {
         self.count_shed(&req.pool, &req.identity, reason, Duration::ZERO)
     }
 
-    fn count_shed(&mut self, pool: &Arc<str>, identity: &Arc<str>, reason: ShedReason, waited: Duration) -> Shed {
+    fn count_shed(
+        &mut self,
+        pool: &Arc<str>,
+        identity: &Arc<str>,
+        reason: ShedReason,
+        waited: Duration,
+    ) -> Shed {
         let p = pool_entry(&mut self.pools, pool, self.cfg.max_active);
         p.m.shed[reason.index()].increment(1);
         p.m.wait.record(waited.as_secs_f64());

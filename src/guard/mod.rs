@@ -106,7 +106,11 @@ impl Guard {
             Admission::Shed(shed) => return Err(shed),
             Admission::Queued { id, wake_at } => (id, wake_at),
         };
-        let mut waiting = Waiting { guard: self, id, armed: true };
+        let mut waiting = Waiting {
+            guard: self,
+            id,
+            armed: true,
+        };
         let Some(mut rx) = rx else {
             // The core always builds the reply channel for a queued waiter.
             return Err(self.lost_reply());

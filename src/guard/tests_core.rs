@@ -72,7 +72,10 @@ impl Sim {
     }
 
     fn must_queue(&mut self, r: AdmitRequest, token: u64) {
-        assert!(matches!(self.admit(r, token), Got::Queued(_)), "expected to queue");
+        assert!(
+            matches!(self.admit(r, token), Got::Queued(_)),
+            "expected to queue"
+        );
     }
 
     fn release(&mut self, g: &Grant) {
@@ -170,7 +173,10 @@ fn in_transaction_waiters_go_first() {
     s.release(&g);
     let done = s.drain();
     assert_eq!(done.len(), 1);
-    assert_eq!(done[0].0, 3, "the open transaction's statement is served first");
+    assert_eq!(
+        done[0].0, 3,
+        "the open transaction's statement is served first"
+    );
 }
 
 #[test]
@@ -181,7 +187,10 @@ fn queue_full_sheds_at_once() {
     s.must_grant(req("a", 0));
     s.must_queue(req("a", 1), 1);
     s.must_queue(req("a", 2), 2);
-    assert!(matches!(s.admit(req("a", 3), 3), Got::Shed(ShedReason::QueueFull)));
+    assert!(matches!(
+        s.admit(req("a", 3), 3),
+        Got::Shed(ShedReason::QueueFull)
+    ));
 }
 
 #[test]
@@ -212,7 +221,10 @@ fn timeout_and_client_deadline_bound_the_wait() {
     // A deadline already past sheds without queueing.
     let mut late = req("a", 3);
     late.deadline = Some(s.now);
-    assert!(matches!(s.admit(late, 3), Got::Shed(ShedReason::QueueTimeout)));
+    assert!(matches!(
+        s.admit(late, 3),
+        Got::Shed(ShedReason::QueueTimeout)
+    ));
 }
 
 #[test]
@@ -332,7 +344,10 @@ fn cohort_shedding_is_consistent_within_a_rotation() {
         }
     }
     let admitted = first.values().filter(|&&a| a).count();
-    assert!((3..=25).contains(&admitted), "about 1/16 of 160 admitted, got {admitted}");
+    assert!(
+        (3..=25).contains(&admitted),
+        "about 1/16 of 160 admitted, got {admitted}"
+    );
     // Mid-request clients bypass the filter.
     let shed_client = *first.iter().find(|(_, &a)| !a).unwrap().0;
     let mut r = req("web", shed_client);
@@ -380,13 +395,21 @@ fn breaker_sheds_waiters_and_probes_once() {
     }
     let done = s.drain();
     assert_eq!(done.len(), 2);
-    assert!(done.iter().all(|(_, r)| matches!(r, Err(ShedReason::CircuitOpen))));
-    assert!(matches!(s.admit(req("a", 3), 3), Got::Shed(ShedReason::CircuitOpen)));
+    assert!(done
+        .iter()
+        .all(|(_, r)| matches!(r, Err(ShedReason::CircuitOpen))));
+    assert!(matches!(
+        s.admit(req("a", 3), 3),
+        Got::Shed(ShedReason::CircuitOpen)
+    ));
     s.release(&held);
     s.advance(ms(500));
     let probe = s.must_grant(req("a", 4));
     assert!(probe.probe);
-    assert!(matches!(s.admit(req("a", 5), 5), Got::Shed(ShedReason::CircuitOpen)));
+    assert!(matches!(
+        s.admit(req("a", 5), 5),
+        Got::Shed(ShedReason::CircuitOpen)
+    ));
     s.core.record_success(s.now);
     s.release(&probe);
     let g = s.must_grant(req("a", 6));
@@ -406,7 +429,10 @@ fn pause_holds_new_work_but_lets_transactions_finish() {
     s.must_grant(tx);
     s.advance(ms(150));
     s.expire();
-    assert!(s.drain().is_empty(), "no standing-queue shedding while paused");
+    assert!(
+        s.drain().is_empty(),
+        "no standing-queue shedding while paused"
+    );
     s.core.resume(s.now, &mut s.out);
     let done = s.drain();
     assert_eq!(done.iter().map(|d| d.0).collect::<Vec<_>>(), vec![1]);
@@ -416,7 +442,9 @@ fn pause_holds_new_work_but_lets_transactions_finish() {
     s.expire();
     let done = s.drain();
     assert_eq!(done.len(), 2);
-    assert!(done.iter().all(|(_, r)| matches!(r, Err(ShedReason::Paused))));
+    assert!(done
+        .iter()
+        .all(|(_, r)| matches!(r, Err(ShedReason::Paused))));
 }
 
 #[test]
@@ -451,7 +479,9 @@ fn shed_text_and_codes() {
         queued: 12,
     };
     assert_eq!(shed.message(), "pgsluice: database busy");
-    assert!(shed.hint().starts_with("active 4/4, queue 12, waited 301 ms"));
+    assert!(shed
+        .hint()
+        .starts_with("active 4/4, queue 12, waited 301 ms"));
     assert_eq!(ShedReason::QueueFull.sqlstate(), "53400");
     assert_eq!(ShedReason::Cohort.sqlstate(), "53400");
     assert_eq!(ShedReason::CircuitOpen.sqlstate(), "57P03");

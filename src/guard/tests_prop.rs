@@ -11,7 +11,13 @@ use super::GuardConfig;
 
 #[derive(Debug, Clone)]
 enum Op {
-    Arrive { ident: u8, client: u64, tx: bool, mid: bool, deadline_ms: Option<u64> },
+    Arrive {
+        ident: u8,
+        client: u64,
+        tx: bool,
+        mid: bool,
+        deadline_ms: Option<u64>,
+    },
     Release(usize),
     Advance(u64),
     Check(usize),
@@ -53,7 +59,11 @@ struct Model {
 impl Model {
     fn settle(&mut self, out: Vec<Completion<u64>>, limit_before: usize, active_before: usize) {
         for c in out {
-            assert_eq!(self.waiting.remove(&c.payload), Some(c.id), "unknown or duplicate waiter");
+            assert_eq!(
+                self.waiting.remove(&c.payload),
+                Some(c.id),
+                "unknown or duplicate waiter"
+            );
             assert!(self.settled.insert(c.payload), "waiter settled twice");
             if let Ok(g) = c.outcome {
                 self.running.push(g);
@@ -69,9 +79,18 @@ impl Model {
         assert_eq!(self.core.active(), self.running.len());
         assert_eq!(self.core.queued(), self.waiting.len());
         let snap = self.core.snapshot(self.now);
-        assert_eq!(snap.pools.values().map(|p| p.active).sum::<usize>(), self.running.len());
-        assert_eq!(snap.pools.values().map(|p| p.queued).sum::<usize>(), self.waiting.len());
-        assert_eq!(snap.identities.values().map(|i| i.active).sum::<usize>(), self.running.len());
+        assert_eq!(
+            snap.pools.values().map(|p| p.active).sum::<usize>(),
+            self.running.len()
+        );
+        assert_eq!(
+            snap.pools.values().map(|p| p.queued).sum::<usize>(),
+            self.waiting.len()
+        );
+        assert_eq!(
+            snap.identities.values().map(|i| i.active).sum::<usize>(),
+            self.running.len()
+        );
     }
 
     fn nth_waiting(&self, i: usize) -> Option<(u64, u64)> {
@@ -88,7 +107,13 @@ impl Model {
         let mut out = Vec::new();
         let now = self.now;
         match op {
-            Op::Arrive { ident, client, tx, mid, deadline_ms } => {
+            Op::Arrive {
+                ident,
+                client,
+                tx,
+                mid,
+                deadline_ms,
+            } => {
                 let mut r = req(["a", "b", "c"][ident as usize], client);
                 r.in_transaction = tx;
                 r.last_admitted = mid.then_some(now);
@@ -97,7 +122,10 @@ impl Model {
                 self.next_token += 1;
                 match self.core.admit(r, now, || token) {
                     Admission::Granted(g) => {
-                        assert!(self.core.active() <= self.cfg.max_active, "granted over the limit");
+                        assert!(
+                            self.core.active() <= self.cfg.max_active,
+                            "granted over the limit"
+                        );
                         self.settled.insert(token);
                         self.running.push(g);
                     }

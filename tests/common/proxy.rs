@@ -68,10 +68,7 @@ impl TestProxy {
     }
 
     pub fn url_for(&self, user: &str, db: &str) -> String {
-        format!(
-            "postgres://{user}@{}/{db}?connect_timeout=10",
-            self.addr
-        )
+        format!("postgres://{user}@{}/{db}?connect_timeout=10", self.addr)
     }
 
     pub async fn client(&self) -> tokio_postgres::Client {
@@ -81,7 +78,15 @@ impl TestProxy {
     /// psql (no psqlrc, stop on error) through the proxy.
     pub fn psql(&self, args: &[&str]) -> Output {
         Command::new(client_program("psql"))
-            .args(["-X", "-v", "ON_ERROR_STOP=1", "-h", "127.0.0.1", "-U", "postgres"])
+            .args([
+                "-X",
+                "-v",
+                "ON_ERROR_STOP=1",
+                "-h",
+                "127.0.0.1",
+                "-U",
+                "postgres",
+            ])
             .arg("-p")
             .arg(self.port().to_string())
             .args(["-d", "postgres"])
@@ -137,7 +142,13 @@ fn parse_response(raw: &[u8]) -> Option<(u16, String)> {
     let split = raw.windows(4).position(|w| w == b"\r\n\r\n")?;
     let head = std::str::from_utf8(&raw[..split]).ok()?;
     let mut body = raw[split + 4..].to_vec();
-    let status: u16 = head.lines().next()?.split_whitespace().nth(1)?.parse().ok()?;
+    let status: u16 = head
+        .lines()
+        .next()?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()?;
     let chunked = head.lines().any(|l| {
         let l = l.to_ascii_lowercase();
         l.starts_with("transfer-encoding:") && l.contains("chunked")
