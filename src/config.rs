@@ -405,9 +405,14 @@ impl Config {
 fn load_file(path: &Path) -> Result<Flags> {
     let text =
         std::fs::read_to_string(path).with_context(|| format!("--config {}", path.display()))?;
+    parse_file_flags(&text).map_err(|e| anyhow!("--config {}: {e}", path.display()))
+}
+
+/// Parses the text of a TOML configuration file into flags, without touching the disk.
+pub fn parse_file_flags(text: &str) -> Result<Flags, String> {
     let table: toml::Table = text
         .parse()
-        .map_err(|e: toml::de::Error| anyhow!("--config {}: {}", path.display(), e.message()))?;
+        .map_err(|e: toml::de::Error| e.message().to_owned())?;
     // Accept snake_case keys as well as the flags' kebab-case.
     let normalized: toml::Table = table
         .into_iter()
@@ -415,7 +420,15 @@ fn load_file(path: &Path) -> Result<Flags> {
         .collect();
     normalized
         .try_into()
-        .map_err(|e: toml::de::Error| anyhow!("--config {}: {}", path.display(), e.message()))
+        .map_err(|e: toml::de::Error| e.message().to_owned())
+}
+
+impl Config {
+    /// Builds a configuration from a TOML file's text alone (no flags, no environment).
+    pub fn from_toml_str(text: &str) -> Result<Config> {
+        let file = parse_file_flags(text).map_err(|e| anyhow!("config: {e}"))?;
+        Config::build(Flags::default(), Some(file))
+    }
 }
 
 /// "5s", "300ms", "1m30s", or "0" for off.

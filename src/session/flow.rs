@@ -140,11 +140,20 @@ impl Session {
             .query_timeout
             .map(|d| tokio::time::Instant::from_std(t0 + d));
         let mut timed_out = false;
+        // Set once the query is cancelled: a server that still has not answered by then is
+        // treated as lost, so a hung upstream cannot hold the client forever.
+        let mut give_up: Option<tokio::time::Instant> = None;
         self.st.saw_error = false;
         let ev = loop {
             let fut = relay::relay(&mut self.client, server, &mut self.st);
             tokio::select! {
                 ev = fut => break ev,
+                _ = sleep_until_opt(give_up), if give_up.is_some() => {
+                    break RelayEvent::ServerGone(std::io::Error::new(
+                        std::io::ErrorKind::TimedOut,
+                        "upstream did not answer a cancelled query within cancel-grace",
+                    ));
+                }
                 _ = sleep_until_opt(deadline), if !timed_out => {
                     timed_out = true;
                     self.st.rewrite_cancel = Some("pgsluice: query timeout");
@@ -153,6 +162,7 @@ impl Session {
                     if let Err(e) = send_cancel(target, self.cfg.cancel_grace).await {
                         warn!(error = %e, "could not deliver cancel");
                     }
+                    give_up = Some(tokio::time::Instant::now() + self.cfg.cancel_grace);
                 }
             }
         };
