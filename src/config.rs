@@ -80,6 +80,13 @@ pub struct Flags {
     /// Longest a query may run before the server is told to cancel it (0 = off).
     #[arg(long, env = "PGSLUICE_QUERY_TIMEOUT")]
     pub query_timeout: Option<String>,
+    /// Standing-queue detection: a queue whose oldest query has waited this long is shed
+    /// down to --codel-target (0 turns standing-queue shedding off).
+    #[arg(long, env = "PGSLUICE_CODEL_INTERVAL")]
+    pub codel_interval: Option<String>,
+    /// While the queue stands, queries that waited longer than this are refused.
+    #[arg(long, env = "PGSLUICE_CODEL_TARGET")]
+    pub codel_target: Option<String>,
     /// Fair-share weight of a client identity, IDENT=WEIGHT (repeatable).
     #[arg(long = "share", env = "PGSLUICE_SHARE", value_delimiter = ',')]
     #[serde(default, alias = "share")]
@@ -225,6 +232,9 @@ pub struct Config {
     pub max_queue: usize,
     pub queue_timeout: Duration,
     pub query_timeout: Option<Duration>,
+    /// None: standing-queue shedding off.
+    pub codel_interval: Option<Duration>,
+    pub codel_target: Duration,
     pub shares: HashMap<String, u32>,
     pub auth: AuthMethod,
     pub users: Option<PathBuf>,
@@ -352,6 +362,8 @@ impl Config {
             max_queue: pick!(max_queue).unwrap_or(1000),
             queue_timeout: dur("queue-timeout", pick!(queue_timeout), "5s")?,
             query_timeout: opt(dur("query-timeout", pick!(query_timeout), "0")?),
+            codel_interval: opt(dur("codel-interval", pick!(codel_interval), "100ms")?),
+            codel_target: dur("codel-target", pick!(codel_target), "50ms")?,
             shares,
             auth,
             users,

@@ -49,6 +49,11 @@ pub fn guard_config(cfg: &Config) -> GuardConfig {
         max_active: cfg.max_active,
         max_queue: cfg.max_queue,
         queue_timeout: cfg.queue_timeout,
+        // Off: an interval no queue outlasts (the queue timeout ends every wait first).
+        codel_interval: cfg
+            .codel_interval
+            .unwrap_or(Duration::from_secs(365 * 24 * 3600)),
+        codel_target: cfg.codel_target,
         shares: cfg.shares.clone(),
         breaker: BreakerConfig {
             failure_threshold: cfg.breaker_threshold,

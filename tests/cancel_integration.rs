@@ -2,7 +2,6 @@
 //! query and idle-in-transaction timeouts, and cancels that must not hit anyone else.
 
 // Each test binary uses a subset of the shared helpers.
-#[allow(unused_imports)]
 mod common;
 #[path = "cancel_integration/raw.rs"]
 mod raw;

@@ -2,7 +2,6 @@
 //! shares between identities, the circuit breaker, and edge cases.
 
 // Each test binary uses a subset of the shared helpers.
-#[allow(unused_imports)]
 mod common;
 #[path = "guard_integration/load.rs"]
 mod load;
@@ -402,9 +401,6 @@ async fn circuit_opens_fails_fast_and_recovers() {
 /// Before the breaker opens, a query needing a new server connection must fail with 08006
 /// as soon as the connect fails, not wait out the queue timeout.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "pool checkout hides connect errors: bb8's get() only forwards them to the error \
-            sink, so the session waits the whole --queue-timeout and then answers 53400 \
-            'no server connection free in time' (fix belongs in src/pool)"]
 async fn queries_fail_fast_before_breaker_opens() {
     let pg = cluster().await;
     // Long health interval and high threshold: the breaker stays closed for this test.

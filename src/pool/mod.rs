@@ -30,6 +30,9 @@ pub enum PoolError {
     Timeout(String),
     #[error("no server connection became free in time")]
     Exhausted,
+    /// A connect attempt made for this pool while we waited failed.
+    #[error("{0}")]
+    Failed(String),
 }
 
 impl PoolError {
@@ -47,7 +50,7 @@ impl PoolError {
     /// True when the failure says something about the upstream's health (breaker input).
     pub fn is_upstream_failure(&self) -> bool {
         match self {
-            PoolError::Connect { .. } | PoolError::Timeout(_) => true,
+            PoolError::Connect { .. } | PoolError::Timeout(_) | PoolError::Failed(_) => true,
             PoolError::Login(UpstreamAuthError::Server { code, .. }) => {
                 // Startup/shutdown/too many connections: the server is not serving.
                 code.starts_with("57P") || code == "53300"
@@ -72,6 +75,17 @@ pub struct ServerManager {
     label: Arc<str>,
     /// The server's ParameterStatus set, remembered from the first login.
     params: Arc<RwLock<Vec<(String, String)>>>,
+    /// Tells waiters of this pool that a connect attempt failed (bb8 does not hand connect
+    /// errors to the callers waiting in `get`; without this they would wait out their
+    /// timeout while the upstream is down).
+    failures: Arc<ConnectFailures>,
+}
+
+/// The latest connect failure of a pool, broadcast to everyone waiting for a connection.
+#[derive(Default)]
+pub struct ConnectFailures {
+    notify: tokio::sync::Notify,
+    last: Mutex<Option<String>>,
 }
 
 impl ServerManager {
@@ -130,6 +144,8 @@ impl bb8::ManageConnection for ServerManager {
                 if e.is_upstream_failure() {
                     self.guard.record_failure();
                 }
+                *self.failures.last.lock() = Some(e.to_string());
+                self.failures.notify.notify_waiters();
                 "error"
             }
         };
@@ -180,6 +196,7 @@ impl PoolMetrics {
 
 /// A pool for one (database, user) plus what the sessions need to know about it.
 pub struct PoolEntry {
+    failures: Arc<ConnectFailures>,
     pub metrics: PoolMetrics,
     pub pool: bb8::Pool<ServerManager>,
     pub label: Arc<str>,
@@ -199,7 +216,17 @@ impl PoolEntry {
         &self,
         wait: Duration,
     ) -> Result<bb8::PooledConnection<'static, ServerManager>, PoolError> {
-        match tokio::time::timeout(wait, self.pool.get_owned()).await {
+        let failed = self.failures.notify.notified();
+        tokio::pin!(failed);
+        failed.as_mut().enable();
+        let got = tokio::select! {
+            r = tokio::time::timeout(wait, self.pool.get_owned()) => r,
+            _ = &mut failed => {
+                let why = self.failures.last.lock().clone().unwrap_or_default();
+                return Err(PoolError::Failed(why));
+            }
+        };
+        match got {
             Ok(Ok(c)) => Ok(c),
             Ok(Err(bb8::RunError::User(e))) => Err(e),
             Ok(Err(bb8::RunError::TimedOut)) | Err(_) => Err(PoolError::Exhausted),
@@ -272,7 +299,9 @@ impl PoolRegistry {
         });
         let label: Arc<str> = format!("{database}/{user}").into();
         let params = Arc::new(RwLock::new(Vec::new()));
+        let failures = Arc::new(ConnectFailures::default());
         let manager = ServerManager {
+            failures: failures.clone(),
             upstream: self.upstream.clone(),
             user: user.to_string(),
             database: database.to_string(),
@@ -294,6 +323,7 @@ impl PoolRegistry {
             .reaper_rate(Duration::from_secs(5))
             .build_unchecked(manager);
         let entry = Arc::new(PoolEntry {
+            failures,
             metrics: PoolMetrics::new(&label),
             pool,
             label,
