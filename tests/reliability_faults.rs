@@ -12,6 +12,10 @@ use common::{connect, try_connect, FaultShim, Mode, TempPostgres, TestProxy};
 use futures::SinkExt;
 use tokio_postgres::Client;
 
+/// `cargo test` runs these in one process; the fd count in the flapping test is process-wide,
+/// so the tests here take turns (nextest runs each in its own process anyway).
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 async fn cluster() -> TempPostgres {
     tokio::task::spawn_blocking(TempPostgres::new)
         .await
@@ -61,6 +65,7 @@ async fn wait_serving(url: &str, within: Duration) -> Duration {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn upstream_killed_under_load_errors_promptly_then_recovers() {
+    let _serial = SERIAL.lock().await;
     let pg = Arc::new(cluster().await);
     let shim = FaultShim::start(pg.addr()).await;
     let proxy = TestProxy::start_upstream(
@@ -156,6 +161,7 @@ async fn waiting(proxy: &TestProxy) -> u64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn upstream_stall_times_out_and_flips_readiness() {
+    let _serial = SERIAL.lock().await;
     let pg = cluster().await;
     let shim = FaultShim::start(pg.addr()).await;
     let proxy = TestProxy::start_upstream(
@@ -268,6 +274,7 @@ async fn count(direct: &Client, table: &str) -> i64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cut_mid_transaction_loses_nothing_committed() {
+    let _serial = SERIAL.lock().await;
     let pg = cluster().await;
     let direct = pg.client().await;
     direct
@@ -304,6 +311,7 @@ async fn cut_mid_transaction_loses_nothing_committed() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cut_mid_copy_is_all_or_nothing() {
+    let _serial = SERIAL.lock().await;
     let pg = cluster().await;
     let direct = pg.client().await;
     direct
@@ -350,6 +358,7 @@ async fn cut_mid_copy_is_all_or_nothing() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn flapping_upstream_settles_without_leaking_fds() {
+    let _serial = SERIAL.lock().await;
     let pg = cluster().await;
     let shim = Arc::new(FaultShim::start(pg.addr()).await);
     let proxy = TestProxy::start_upstream(
