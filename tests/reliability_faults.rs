@@ -79,7 +79,7 @@ async fn upstream_killed_under_load_errors_promptly_then_recovers() {
             "200ms",
             "--breaker-cooldown",
             "300ms",
-            // Queries queued when the breaker opens wait out this timeout, then get 57P03.
+            // Queries waiting for a pool checkout when the upstream dies wait out this timeout.
             "--queue-timeout",
             "2s",
         ],
