@@ -67,7 +67,7 @@ put("scram_exchange", "nobody_good_form", b"\x06n,,n=,r=xyz|~|c=biws,r=%N,p=%P")
 put("scram_exchange", "y_flag", b"\x00y,,n=,r=q|~|c=eSws,r=%N,p=%P")
 put("scram_exchange", "bad_cbind", b"\x00n,,n=,r=q|~|c=eSws,r=%N,p=%P")
 md5_resp = msg(b"p", cstr("md5" + "0" * 32))
-put("scram_exchange", "bob_md5_raw", b"\x0b" + md5_resp)
+put("scram_exchange", "bob_md5_raw", b"\x0d" + md5_resp)
 put("scram_exchange", "raw_wrong_tag", b"\x08" + msg(b"Q", cstr("SELECT 1")))
 
 # users_file

@@ -521,4 +521,14 @@ mod tests {
             .to_string();
         assert!(e.contains("pool-sise"), "{e}");
     }
+
+    #[test]
+    fn toml_text_builds_without_a_file() {
+        let c = Config::from_toml_str("pool_size = 3\nqueue-timeout = \"250ms\"\n").unwrap();
+        assert_eq!(c.pool_size, 3);
+        assert_eq!(c.queue_timeout, Duration::from_millis(250));
+        assert!(Config::from_toml_str("pool-size = 0\n").is_err());
+        assert!(Config::from_toml_str("pool-size = [\n").is_err());
+        assert!(Config::from_toml_str("nonsense = 1\n").is_err());
+    }
 }

@@ -145,6 +145,9 @@ fuzz_target!(|data: &[u8]| {
         let (result, client_passed) = tokio::time::timeout(Duration::from_secs(5), exchange)
             .await
             .expect("authentication exchange finished");
+        if std::env::var_os("FUZZ_TRACE").is_some() {
+            eprintln!("{method:?} {user} scripted={scripted}: server {result:?}, client saw final: {client_passed}");
+        }
         if client_passed {
             assert!(result.is_ok(), "server sent SASLFinal but failed the login");
         }
