@@ -1,0 +1,162 @@
+#!/usr/bin/env bash
+# pgbench -S through no proxy, PgBouncer and pgsluice, interleaved, medians of REPS rounds.
+#
+# Usage: benches/compare.sh            (from the repository root, as root)
+# Knobs (environment):
+#   DUR=10         seconds per pgbench run
+#   REPS=3         rounds; each round runs every (mode, clients, target) once
+#   CLIENTS="8 32 128"   pgbench -c values
+#   MODES="simple extended"   pgbench -M values
+#   TARGETS="direct pgbouncer pgsluice"
+#   POOL=16        server connections of each proxy
+#   SCALE=10       pgbench -i scale
+#   PREPARED=1     also run -M prepared against pgsluice (PgBouncer 1.18 cannot pool it)
+#   QUICK=1        smoke run: DUR=1 REPS=1 CLIENTS=8 MODES=simple SCALE=1
+#   SKIP_BUILD=1   use the existing target/release/pgsluice
+#   OUT_DIR=bench-results
+# The open-files limit is raised to the hard limit: 128 clients need 128 descriptors in
+# pgbench and in each proxy, plus the proxies' server side.
+set -euo pipefail
+
+# shellcheck source=benches/lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+
+if [[ ${QUICK:-0} == 1 ]]; then
+    DUR=${DUR:-1} REPS=${REPS:-1} CLIENTS=${CLIENTS:-8} MODES=${MODES:-simple} SCALE=${SCALE:-1}
+fi
+DUR=${DUR:-10}
+REPS=${REPS:-3}
+CLIENTS=${CLIENTS:-"8 32 128"}
+MODES=${MODES:-"simple extended"}
+TARGETS=${TARGETS:-"direct pgbouncer pgsluice"}
+POOL=${POOL:-16}
+SCALE=${SCALE:-10}
+PREPARED=${PREPARED:-0}
+OUT_DIR=${OUT_DIR:-$REPO_DIR/bench-results}
+
+[[ $(id -u) == 0 ]] || die "run as root (servers are started as the postgres user)"
+for t in $TARGETS; do
+    case $t in direct | pgbouncer | pgsluice) ;; *) die "unknown target $t" ;; esac
+done
+
+trap bench_cleanup EXIT
+trap 'exit 130' INT TERM
+raise_nofile 65536
+
+if [[ " $TARGETS " == *" pgsluice "* && ${SKIP_BUILD:-0} != 1 ]]; then
+    log "building pgsluice (release)"
+    (cd "$REPO_DIR" && cargo build --release --bin pgsluice -q)
+fi
+
+bench_workdir
+PGPORT=$(free_port)
+start_postgres "$PGPORT"
+log "pgbench -i -s $SCALE"
+pgbench -i -q -s "$SCALE" -h 127.0.0.1 -p "$PGPORT" -U postgres postgres >"$WORK/pgbench-init.log" 2>&1 ||
+    { cat "$WORK/pgbench-init.log" >&2; die "pgbench -i failed"; }
+
+declare -A PORT PID
+PORT[direct]=$PGPORT
+PID[direct]=""
+if [[ " $TARGETS " == *" pgbouncer "* ]]; then
+    PORT[pgbouncer]=$(free_port)
+    start_pgbouncer "${PORT[pgbouncer]}" "$PGPORT" "$POOL" 1000
+    PID[pgbouncer]=$PGBOUNCER_PID
+fi
+if [[ " $TARGETS " == *" pgsluice "* ]]; then
+    PORT[pgsluice]=$(free_port)
+    start_pgsluice "${PORT[pgsluice]}" "$PGPORT" "$POOL"
+    PID[pgsluice]=$PGSLUICE_PID
+fi
+
+mkdir -p "$OUT_DIR"
+STAMP=$(date -u +%Y%m%dT%H%M%SZ)
+RAW="$OUT_DIR/compare-$STAMP.tsv"
+TABLE="$OUT_DIR/compare-$STAMP.md"
+printf 'target\tmode\tclients\trep\ttps\tlat_avg_ms\tp99_ms\tproxy_cpu_s\ttxns\tfailed\n' >"$RAW"
+
+# One pgbench run; appends a raw row.
+run_one() {
+    local target=$1 mode=$2 clients=$3 rep=$4
+    local out="$WORK/run.out" logdir="$WORK/txlog" pid=${PID[$target]} cpu0=0 cpu1=0
+    rm -rf "$logdir" && mkdir -p "$logdir"
+    [[ -n $pid ]] && cpu0=$(proc_cpu_seconds "$pid")
+    if ! pgbench -n -S -j 2 -c "$clients" -T "$DUR" -M "$mode" --log --log-prefix="$logdir/tx" \
+        -h 127.0.0.1 -p "${PORT[$target]}" -U postgres postgres >"$out" 2>&1; then
+        log "pgbench failed: $target $mode c=$clients"
+        tail -5 "$out" >&2
+    fi
+    [[ -n $pid ]] && cpu1=$(proc_cpu_seconds "$pid")
+    local tps lat txns p99 cpu failed
+    tps=$(awk '/^tps = / { print $3; exit }' "$out")
+    lat=$(awk '/^latency average = / { print $4; exit }' "$out")
+    txns=$(awk '/number of transactions actually processed:/ { print $NF; exit }' "$out")
+    failed=$(awk '/number of failed transactions:/ { print $5; exit }' "$out")
+    # Per-transaction log: field 3 is the latency in microseconds.
+    p99=$(cat "$logdir"/tx* 2>/dev/null | awk '{ print $3 }' | sort -n |
+        awk '{ v[NR] = $1 } END { if (NR) { i = int(NR * 0.99); if (i < 1) i = 1; printf "%.3f", v[i] / 1000 } }')
+    if [[ -n $pid ]]; then
+        cpu=$(awk -v a="$cpu0" -v b="$cpu1" 'BEGIN { printf "%.2f", b - a }')
+    else
+        cpu=""
+    fi
+    printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$target" "$mode" "$clients" "$rep" \
+        "${tps:-0}" "${lat:-}" "${p99:-}" "$cpu" "${txns:-0}" "${failed:-0}" >>"$RAW"
+    log "$target -M $mode -c $clients rep $rep: tps=${tps:-0} lat=${lat:-?}ms p99=${p99:-?}ms cpu=${cpu:--}s"
+}
+
+runs=0
+for rep in $(seq 1 "$REPS"); do
+    for mode in $MODES; do
+        for clients in $CLIENTS; do
+            for target in $TARGETS; do
+                run_one "$target" "$mode" "$clients" "$rep"
+                runs=$((runs + 1))
+            done
+        done
+    done
+    if [[ $PREPARED == 1 && -n ${PORT[pgsluice]:-} ]]; then
+        for clients in $CLIENTS; do
+            run_one pgsluice prepared "$clients" "$rep"
+            runs=$((runs + 1))
+        done
+    fi
+done
+
+# Medians per (target, mode, clients); CPU per 100k transactions from the median-TPS rep's
+# own CPU and transaction count ratio, computed per rep then medianed.
+{
+    echo "# pgbench -S comparison ($STAMP)"
+    echo
+    echo "pgbench -S -j 2 -T $DUR, scale $SCALE, pool $POOL (transaction mode), $REPS rep(s), median per cell."
+    echo "Host: $(nproc) cores, $(awk '/MemTotal/ { printf "%.0f GiB", $2 / 1048576 }' /proc/meminfo), kernel $(uname -r)."
+    echo
+    echo "| target | mode | clients | TPS (median) | mean latency ms | p99 latency ms | proxy CPU s / 100k tx | failed tx |"
+    echo "|---|---|---:|---:|---:|---:|---:|---:|"
+    tail -n +2 "$RAW" | awk -F'\t' '
+        function median(s,   a, n, i, j, t) {
+            n = split(s, a, " ")
+            for (i = 2; i <= n; i++) { t = a[i]; j = i - 1; while (j > 0 && a[j] + 0 > t + 0) { a[j + 1] = a[j]; j-- } a[j + 1] = t }
+            if (n == 0) return ""
+            return (n % 2) ? a[(n + 1) / 2] : (a[n / 2] + a[n / 2 + 1]) / 2
+        }
+        {
+            k = $1 SUBSEP $2 SUBSEP $3
+            if (!(k in seen)) { seen[k] = 1; order[++nk] = k }
+            tps[k] = tps[k] " " $5; lat[k] = lat[k] " " $6; p99[k] = p99[k] " " $7
+            if ($8 != "" && $9 > 0) cpu[k] = cpu[k] " " ($8 / ($9 / 100000))
+            fail[k] += $10
+        }
+        END {
+            for (i = 1; i <= nk; i++) {
+                k = order[i]; split(k, f, SUBSEP)
+                c = (k in cpu) ? sprintf("%.2f", median(cpu[k])) : "-"
+                printf "| %s | %s | %s | %.0f | %.3f | %.3f | %s | %d |\n", f[1], f[2], f[3], median(tps[k]), median(lat[k]), median(p99[k]), c, fail[k]
+            }
+        }' | sort -t'|' -k3,3 -k4,4n -k2,2
+    echo
+    echo "Raw rows: $(basename "$RAW")"
+} >"$TABLE"
+
+cat "$TABLE"
+log "wrote $TABLE ($runs runs)"
