@@ -120,7 +120,10 @@ fn extended_batches() -> Mix {
     let mut one = Vec::new();
     let mut p = Vec::new();
     cstr(&mut p, "");
-    cstr(&mut p, "SELECT abalance FROM pgbench_accounts WHERE aid = $1;");
+    cstr(
+        &mut p,
+        "SELECT abalance FROM pgbench_accounts WHERE aid = $1;",
+    );
     p.extend_from_slice(&0i16.to_be_bytes());
     msg(&mut one, b'P', &p);
     let mut b = Vec::new();
@@ -138,7 +141,11 @@ fn extended_batches() -> Mix {
     e.extend_from_slice(&0i32.to_be_bytes());
     msg(&mut one, b'E', &e);
     msg(&mut one, b'S', b"");
-    mix("extended_parse_bind_execute_sync", CLIENT_CAPTURE, one.repeat(100))
+    mix(
+        "extended_parse_bind_execute_sync",
+        CLIENT_CAPTURE,
+        one.repeat(100),
+    )
 }
 
 /// A 10,000-row result of ~100-byte rows (pgbench_accounts shape), then completion.

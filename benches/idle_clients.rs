@@ -61,7 +61,9 @@ async fn open_idle(addr: &str, user: &str, database: &str) -> Result<TcpStream> 
         let (tag, body) = read_message(&mut s, 64 * 1024).await?;
         match tag {
             b'R' => {
-                let code = body.get(..4).map(|b| i32::from_be_bytes([b[0], b[1], b[2], b[3]]));
+                let code = body
+                    .get(..4)
+                    .map(|b| i32::from_be_bytes([b[0], b[1], b[2], b[3]]));
                 if code != Some(0) {
                     bail!("server asks for authentication code {code:?}; only trust is supported");
                 }

@@ -155,7 +155,7 @@ bench_cleanup() {
 bench_exe() {
     local name=$1 exe
     exe=$(cd "$REPO_DIR" && cargo bench --bench "$name" --no-run --message-format=json 2>/dev/null |
-        grep -o '"executable":"[^"]*"' | tail -1 | cut -d'"' -f4)
+        grep -o "\"executable\":\"[^\"]*/deps/$name-[0-9a-f]*\"" | tail -1 | cut -d'"' -f4)
     [[ -n $exe && -x $exe ]] || die "could not build bench target $name (cargo bench --bench $name --no-run)"
     echo "$exe"
 }
