@@ -2,7 +2,15 @@
 //! database's concurrency.
 
 pub mod admin;
+mod admin_backend;
 pub mod auth;
+pub mod cancel;
+pub mod config;
+pub mod demo;
 pub mod guard;
 pub mod metrics;
+pub mod pool;
 pub mod protocol;
+pub mod run;
+pub mod server;
+pub mod session;

@@ -1,1 +1,275 @@
-//! Admission control (see DESIGN.md, "Guard semantics").
+//! Admission control for one upstream: how many queries run at once, who waits, who is
+//! refused, and when the upstream is left alone (see DESIGN.md, "Guard semantics").
+//!
+//! # Queue discipline
+//!
+//! A query holds a *slot* from the moment it is sent upstream until its ReadyForQuery comes
+//! back; at most `max_active` slots are held per upstream, across all of its pools. A query
+//! that finds a free slot and nobody eligible waiting runs at once; otherwise it waits.
+//!
+//! Waiters sit in two tiers. Statements of an already-open transaction wait in their own
+//! FIFO and are served before everything else: they hold locks and a server connection, and
+//! starving them would stall the whole pool. They also pass a pause (so open transactions
+//! can finish) and are exempt from cohort and standing-queue shedding, because refusing one
+//! would abort the transaction. All other queries wait in one FIFO per client identity. When
+//! a slot frees, it goes to the backlogged identity with the smallest `active / weight`
+//! (weights from `--share`, default 1), ties to the longest-waiting head. Weights only matter
+//! while every slot is taken: an identity alone on an idle database may use all of it.
+//!
+//! The queue is bounded in length (`max_queue`: beyond it new queries are refused at once)
+//! and in time (`queue_timeout`, cut short by the client's own deadline). On top of that
+//! runs CoDel with adaptive LIFO: if the queue has not been empty for a whole
+//! `codel_interval`, it is a standing queue, not a burst. While it stands, waiters older
+//! than `codel_target` are refused and freed slots go to the newest waiters of the chosen
+//! identity, who still have time left to make use of them; the moment the queue empties,
+//! service returns to FIFO. A short burst that drains within the interval is absorbed
+//! whole, in order.
+//!
+//! Under sustained overload the guard sheds requests rather than individual queries. An
+//! application request is usually several queries in a row on one connection; refusing
+//! the third query wastes the first two. Clients hash into `cohorts` buckets whose priority
+//! order rotates every `cohort_rotation`. An overload level sets how many buckets take new
+//! work: it drops by one bucket per CoDel interval while the queue stands (never below one)
+//! and climbs back by one per interval otherwise. A client outside the admitted buckets is
+//! refused at once (`cohort`), so the same clients are turned away consistently and
+//! cheaply, while a client that had a query admitted within `mid_request_window` bypasses
+//! the filter and can finish what it started. The rotation spreads the refusals fairly
+//! over time.
+//!
+//! A waiter whose client goes away leaves the queue at once; if a slot was granted to it in
+//! that instant, the slot is released and handed on. A circuit breaker stops all of this
+//! while the upstream is failing: after `failure_threshold` consecutive failures every
+//! waiter and every new query is refused (`circuit_open`) until a cool-down passes
+//! (doubling on each re-open up to `max_cooldown`); then one probe query is let through,
+//! and its success closes the circuit. A pause holds new queries in the queue (refused as
+//! `paused` if it outlasts their timeout) while running ones finish.
+
+mod breaker;
+mod cohort;
+mod config;
+mod core;
+mod snapshot;
+mod types;
+
+#[cfg(test)]
+mod tests_async;
+#[cfg(test)]
+mod tests_core;
+#[cfg(test)]
+mod tests_prop;
+
+use std::sync::{Arc, Weak};
+use std::time::{Duration, Instant};
+
+use parking_lot::Mutex;
+use tokio::sync::oneshot;
+
+pub use self::config::{BreakerConfig, GuardConfig};
+pub use self::snapshot::{GuardSnapshot, IdentitySnapshot, PoolSnapshot};
+pub use self::types::{AdmitRequest, CircuitState, Shed, ShedReason};
+
+use self::core::{Admission, Completion, Core, Grant};
+
+type Reply = oneshot::Sender<Result<Permit, Shed>>;
+
+/// Clock of the guard: tokio's, so paused-time tests drive it; the real clock otherwise.
+fn now() -> Instant {
+    tokio::time::Instant::now().into_std()
+}
+
+/// Admission control for one upstream, shared by all its sessions.
+pub struct Guard {
+    core: Mutex<Core<Reply>>,
+    me: Weak<Guard>,
+}
+
+impl Guard {
+    pub fn new(cfg: GuardConfig) -> Arc<Guard> {
+        let core = Core::new(cfg, now());
+        Arc::new_cyclic(|me| Guard {
+            core: Mutex::new(core),
+            me: me.clone(),
+        })
+    }
+
+    /// Wait for a slot. Dropping the future leaves the queue; a slot granted in the same
+    /// instant is given back.
+    pub async fn admit(self: &Arc<Self>, req: AdmitRequest) -> Result<Permit, Shed> {
+        let mut rx = None;
+        let admission = self.core.lock().admit(req, now(), || {
+            let (tx, r) = oneshot::channel();
+            rx = Some(r);
+            tx
+        });
+        let (id, mut wake_at) = match admission {
+            Admission::Granted(grant) => return Ok(Permit::new(self.clone(), grant)),
+            Admission::Shed(shed) => return Err(shed),
+            Admission::Queued { id, wake_at } => (id, wake_at),
+        };
+        let mut waiting = Waiting { guard: self, id, armed: true };
+        let Some(mut rx) = rx else {
+            // The core always builds the reply channel for a queued waiter.
+            return Err(self.lost_reply());
+        };
+        let outcome = loop {
+            tokio::select! {
+                biased;
+                r = &mut rx => break r,
+                _ = tokio::time::sleep_until(wake_at.into()) => {
+                    let mut out = Vec::new();
+                    let next = self.core.lock().check(id, now(), &mut out);
+                    self.deliver(out);
+                    match next {
+                        Some(t) => wake_at = t,
+                        // Settled by now: its outcome is in (or on its way to) the channel.
+                        None => break (&mut rx).await,
+                    }
+                }
+            }
+        };
+        waiting.armed = false;
+        outcome.unwrap_or_else(|_| Err(self.lost_reply()))
+    }
+
+    /// Apply new settings without dropping anyone.
+    pub fn update_config(&self, cfg: GuardConfig) {
+        let mut out = Vec::new();
+        self.core.lock().update_config(cfg, now(), &mut out);
+        self.deliver(out);
+    }
+
+    pub fn pause(&self) {
+        self.core.lock().pause();
+    }
+
+    pub fn resume(&self) {
+        let mut out = Vec::new();
+        self.core.lock().resume(now(), &mut out);
+        self.deliver(out);
+    }
+
+    pub fn is_paused(&self) -> bool {
+        self.core.lock().is_paused()
+    }
+
+    /// The upstream answered (connect or query): closes a half-open circuit.
+    pub fn record_success(&self) {
+        self.core.lock().record_success(now());
+    }
+
+    /// The upstream failed (connect failure, lost connection, timeout).
+    pub fn record_failure(&self) {
+        let mut out = Vec::new();
+        self.core.lock().record_failure(now(), &mut out);
+        self.deliver(out);
+    }
+
+    pub fn circuit_state(&self) -> CircuitState {
+        self.core.lock().circuit_state(now())
+    }
+
+    pub fn snapshot(&self) -> GuardSnapshot {
+        self.core.lock().snapshot(now())
+    }
+
+    /// Hand outcomes to their waiters; call with the lock released, since a permit whose
+    /// waiter is gone is dropped here and releases its slot.
+    fn deliver(&self, out: Vec<Completion<Reply>>) {
+        if out.is_empty() {
+            return;
+        }
+        let me = self.me.upgrade();
+        for c in out {
+            let msg = match (c.outcome, &me) {
+                (Ok(grant), Some(me)) => Ok(Permit::new(me.clone(), grant)),
+                (Ok(grant), None) => {
+                    // The guard is being torn down: nobody can hold the slot.
+                    let _ = grant;
+                    continue;
+                }
+                (Err(shed), _) => Err(shed),
+            };
+            let _ = c.payload.send(msg);
+        }
+    }
+
+    fn lost_reply(&self) -> Shed {
+        let core = self.core.lock();
+        Shed {
+            reason: ShedReason::QueueTimeout,
+            waited: Duration::ZERO,
+            active: core.active(),
+            limit: core.limit(),
+            queued: core.queued(),
+        }
+    }
+
+    fn release(&self, grant: &Grant) {
+        let mut out = Vec::new();
+        self.core.lock().release(grant, now(), &mut out);
+        self.deliver(out);
+    }
+}
+
+/// Removes the waiter if the admit future is dropped while queued.
+struct Waiting<'a> {
+    guard: &'a Guard,
+    id: u64,
+    armed: bool,
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        if self.armed {
+            self.guard.core.lock().abandon(self.id);
+        }
+    }
+}
+
+/// A held slot; dropping it frees the slot for the next waiter.
+pub struct Permit {
+    guard: Arc<Guard>,
+    grant: Grant,
+}
+
+impl Permit {
+    fn new(guard: Arc<Guard>, grant: Grant) -> Self {
+        Permit { guard, grant }
+    }
+
+    /// Time spent queued before the slot was granted.
+    pub fn waited(&self) -> Duration {
+        self.grant.waited
+    }
+
+    pub fn pool(&self) -> &str {
+        &self.grant.pool
+    }
+
+    pub fn identity(&self) -> &str {
+        &self.grant.identity
+    }
+
+    /// This query is the half-open circuit probe: report its result with
+    /// `record_success` / `record_failure`.
+    pub fn is_probe(&self) -> bool {
+        self.grant.probe
+    }
+}
+
+impl std::fmt::Debug for Permit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Permit")
+            .field("pool", &self.grant.pool)
+            .field("identity", &self.grant.identity)
+            .field("waited", &self.grant.waited)
+            .field("probe", &self.grant.probe)
+            .finish()
+    }
+}
+
+impl Drop for Permit {
+    fn drop(&mut self) {
+        self.guard.release(&self.grant);
+    }
+}

@@ -1,0 +1,231 @@
+//! Proxy-issued BackendKeyData and the forwarding of CancelRequests to the backend that is
+//! running the client's query, never to one that has moved on to someone else's.
+
+use parking_lot::Mutex;
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+use subtle::ConstantTimeEq;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::Notify;
+
+/// The backend a client's current query runs on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BackendTarget {
+    pub addr: SocketAddr,
+    pub pid: i32,
+    pub secret: i32,
+}
+
+#[derive(Default)]
+struct EntryState {
+    /// Set while a query of this client runs upstream.
+    running: Option<BackendTarget>,
+    /// Bumped for every query; a cancel forwards only while the generation it saw still runs.
+    generation: u64,
+    /// Cancels being delivered right now; the session waits for them before it lets the
+    /// server connection go to another client.
+    in_flight: usize,
+}
+
+/// One client's registration.
+pub struct CancelEntry {
+    pub pid: i32,
+    secret: i32,
+    state: Mutex<EntryState>,
+    /// Wakes a session whose query is still queued: it answers 57014 itself.
+    pub queued_cancel: Notify,
+    /// True while this client's query waits for admission.
+    pub queued: std::sync::atomic::AtomicBool,
+    /// Wakes a session waiting for in-flight cancels to finish.
+    delivered: Notify,
+}
+
+impl CancelEntry {
+    /// Marks a query as running on `target`; returns its generation.
+    pub fn start_query(&self, target: BackendTarget) -> u64 {
+        let mut s = self.state.lock();
+        s.generation += 1;
+        s.running = Some(target);
+        s.generation
+    }
+
+    pub fn end_query(&self) {
+        self.state.lock().running = None;
+    }
+
+    /// Waits (bounded) until no cancel for this client is on its way to a backend, so a
+    /// released server connection cannot be hit by a cancel meant for this client.
+    pub async fn wait_no_cancel_in_flight(&self, limit: Duration) {
+        let deadline = tokio::time::Instant::now() + limit;
+        loop {
+            let notified = self.delivered.notified();
+            if self.state.lock().in_flight == 0 {
+                return;
+            }
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                return;
+            }
+        }
+    }
+
+    pub fn cancel_in_flight(&self) -> bool {
+        self.state.lock().in_flight > 0
+    }
+}
+
+/// All connected clients, by proxy-issued pid.
+#[derive(Default)]
+pub struct CancelRegistry {
+    entries: Mutex<HashMap<i32, Arc<CancelEntry>>>,
+    next_pid: AtomicU64,
+}
+
+/// What happened to a CancelRequest.
+#[derive(Debug, PartialEq, Eq)]
+pub enum CancelOutcome {
+    Forwarded,
+    Queued,
+    Idle,
+    Unknown,
+}
+
+impl CancelRegistry {
+    pub fn new() -> Self {
+        CancelRegistry {
+            entries: Mutex::new(HashMap::new()),
+            next_pid: AtomicU64::new(rand::random::<u16>() as u64 + 1000),
+        }
+    }
+
+    pub fn register(self: &Arc<Self>) -> Arc<CancelEntry> {
+        let mut entries = self.entries.lock();
+        loop {
+            // Positive, non-zero and unused: some clients treat pid 0 as "no key".
+            let pid =
+                (self.next_pid.fetch_add(1, Ordering::Relaxed) % (i32::MAX as u64 - 1) + 1) as i32;
+            if entries.contains_key(&pid) {
+                continue;
+            }
+            let e = Arc::new(CancelEntry {
+                pid,
+                secret: rand::random(),
+                state: Mutex::new(EntryState::default()),
+                queued_cancel: Notify::new(),
+                queued: std::sync::atomic::AtomicBool::new(false),
+                delivered: Notify::new(),
+            });
+            entries.insert(pid, e.clone());
+            return e;
+        }
+    }
+
+    pub fn unregister(&self, pid: i32) {
+        self.entries.lock().remove(&pid);
+    }
+
+    pub fn secret_of(entry: &CancelEntry) -> i32 {
+        entry.secret
+    }
+
+    /// Handles a CancelRequest from a client connection.
+    pub async fn cancel(&self, pid: i32, secret: i32) -> CancelOutcome {
+        let Some(entry) = self.entries.lock().get(&pid).cloned() else {
+            return CancelOutcome::Unknown;
+        };
+        if !bool::from(entry.secret.to_be_bytes().ct_eq(&secret.to_be_bytes())) {
+            return CancelOutcome::Unknown;
+        }
+        let target = {
+            let mut s = entry.state.lock();
+            match s.running {
+                Some(t) => {
+                    s.in_flight += 1;
+                    t
+                }
+                None => {
+                    drop(s);
+                    return if entry.queued.load(Ordering::Acquire) {
+                        entry.queued_cancel.notify_one();
+                        CancelOutcome::Queued
+                    } else {
+                        CancelOutcome::Idle
+                    };
+                }
+            }
+        };
+        let res = send_cancel(target, Duration::from_secs(5)).await;
+        {
+            let mut s = entry.state.lock();
+            s.in_flight -= 1;
+        }
+        entry.delivered.notify_waiters();
+        if let Err(e) = res {
+            tracing::warn!(error = %e, backend_pid = target.pid, "could not deliver cancel to upstream");
+        }
+        CancelOutcome::Forwarded
+    }
+
+    pub fn len(&self) -> usize {
+        self.entries.lock().len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// Sends a CancelRequest to a backend and waits until the postmaster has processed it
+/// (it closes the connection after signalling the backend).
+pub async fn send_cancel(target: BackendTarget, timeout: Duration) -> std::io::Result<()> {
+    let fut = async {
+        let mut s = TcpStream::connect(target.addr).await?;
+        s.write_all(&crate::protocol::cancel_request(target.pid, target.secret))
+            .await?;
+        let mut sink = [0u8; 64];
+        while s.read(&mut sink).await? > 0 {}
+        Ok(())
+    };
+    tokio::time::timeout(timeout, fut)
+        .await
+        .unwrap_or_else(|_| {
+            Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "cancel timed out",
+            ))
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn wrong_secret_or_idle_is_dropped() {
+        let reg = Arc::new(CancelRegistry::new());
+        let e = reg.register();
+        let secret = CancelRegistry::secret_of(&e);
+        e.queued.store(true, Ordering::Release);
+        assert_eq!(
+            reg.cancel(e.pid, secret.wrapping_add(1)).await,
+            CancelOutcome::Unknown
+        );
+        assert_eq!(reg.cancel(e.pid, secret).await, CancelOutcome::Queued);
+        e.queued.store(false, Ordering::Release);
+        assert_eq!(reg.cancel(e.pid, secret).await, CancelOutcome::Idle);
+        e.start_query(BackendTarget {
+            addr: "127.0.0.1:1".parse().unwrap(),
+            pid: 1,
+            secret: 2,
+        });
+        e.end_query();
+        // The query ended before the cancel: nothing is sent anywhere.
+        assert_eq!(reg.cancel(e.pid, secret).await, CancelOutcome::Idle);
+        reg.unregister(e.pid);
+        assert_eq!(reg.cancel(e.pid, secret).await, CancelOutcome::Unknown);
+        assert!(reg.is_empty());
+    }
+}

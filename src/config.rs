@@ -1,0 +1,493 @@
+//! Configuration from flags, `PGSLUICE_*` environment variables and an optional TOML file,
+//! in that order of precedence, validated into a [`Config`] with one-line errors.
+
+use crate::auth::AuthMethod;
+use anyhow::{anyhow, bail, Context, Result};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use serde::Deserialize;
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+#[derive(Parser, Debug, Clone)]
+#[command(
+    name = "pgsluice",
+    version,
+    about = "PostgreSQL proxy that pools connections and guards the database's concurrency"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+    #[command(flatten)]
+    pub flags: Flags,
+}
+
+#[derive(Subcommand, Debug, Clone)]
+pub enum Command {
+    /// Start a throwaway PostgreSQL with pgsluice in front of it, for trying things out.
+    Demo {
+        /// Port for pgsluice to listen on (0 picks a free one).
+        #[arg(long, default_value_t = 6432)]
+        port: u16,
+    },
+    /// Print a SCRAM-SHA-256 verifier for a password read from stdin (for the users file).
+    HashPassword,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, Deserialize, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum PoolMode {
+    Session,
+    Transaction,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// Every setting; all optional here so the TOML file can fill what flags and env leave out.
+#[derive(Args, Debug, Clone, Default, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct Flags {
+    /// Client-facing address.
+    #[arg(long, env = "PGSLUICE_LISTEN")]
+    pub listen: Option<String>,
+    /// The database, as a libpq URL (postgres://user:password@host:port/dbname).
+    #[arg(long, env = "PGSLUICE_UPSTREAM")]
+    pub upstream: Option<String>,
+    /// HTTP admin and Prometheus address, or "off".
+    #[arg(long, env = "PGSLUICE_ADMIN_LISTEN")]
+    pub admin_listen: Option<String>,
+    /// When a server connection returns to the pool.
+    #[arg(long, env = "PGSLUICE_POOL_MODE")]
+    pub pool_mode: Option<PoolMode>,
+    /// Server connections per (database, user).
+    #[arg(long, env = "PGSLUICE_POOL_SIZE")]
+    pub pool_size: Option<usize>,
+    /// Queries actively running upstream, all pools together (default: pool-size).
+    #[arg(long, env = "PGSLUICE_MAX_ACTIVE")]
+    pub max_active: Option<usize>,
+    /// Waiting queries beyond which new ones are shed at once.
+    #[arg(long, env = "PGSLUICE_MAX_QUEUE")]
+    pub max_queue: Option<usize>,
+    /// Longest wait for a slot (e.g. 5s, 300ms).
+    #[arg(long, env = "PGSLUICE_QUEUE_TIMEOUT")]
+    pub queue_timeout: Option<String>,
+    /// Longest a query may run before the server is told to cancel it (0 = off).
+    #[arg(long, env = "PGSLUICE_QUERY_TIMEOUT")]
+    pub query_timeout: Option<String>,
+    /// Fair-share weight of a client identity, IDENT=WEIGHT (repeatable).
+    #[arg(long = "share", env = "PGSLUICE_SHARE", value_delimiter = ',')]
+    #[serde(default, alias = "share")]
+    pub shares: Vec<String>,
+    /// Client authentication method (default trust on a loopback listener, else required).
+    #[arg(long, env = "PGSLUICE_AUTH")]
+    pub auth: Option<AuthMethod>,
+    /// Users file (see docs/USERS_FILE.md).
+    #[arg(long, env = "PGSLUICE_USERS")]
+    pub users: Option<PathBuf>,
+    /// TOML file with the same keys as the flags.
+    #[arg(long, env = "PGSLUICE_CONFIG")]
+    #[serde(skip)]
+    pub config: Option<PathBuf>,
+    /// Log output format.
+    #[arg(long, env = "PGSLUICE_LOG_FORMAT")]
+    pub log_format: Option<LogFormat>,
+    /// Client connections accepted at once; the excess gets 53300.
+    #[arg(long, env = "PGSLUICE_MAX_CLIENT_CONN")]
+    pub max_client_conn: Option<usize>,
+    /// Roll back a transaction left open and silent for longer than this (0 = off).
+    #[arg(long, env = "PGSLUICE_IDLE_IN_TRANSACTION_TIMEOUT")]
+    pub idle_in_transaction_timeout: Option<String>,
+    /// How long a cancelled backend may take to answer before its connection is closed.
+    #[arg(long, env = "PGSLUICE_CANCEL_GRACE")]
+    pub cancel_grace: Option<String>,
+    /// Close server connections older than this (0 = never).
+    #[arg(long, env = "PGSLUICE_SERVER_LIFETIME")]
+    pub server_lifetime: Option<String>,
+    /// Close server connections idle for longer than this (0 = never).
+    #[arg(long, env = "PGSLUICE_SERVER_IDLE_TIMEOUT")]
+    pub server_idle_timeout: Option<String>,
+    /// Upper bound on connecting and logging in to the upstream.
+    #[arg(long, env = "PGSLUICE_CONNECT_TIMEOUT")]
+    pub connect_timeout: Option<String>,
+    /// Clients must finish startup and authentication within this.
+    #[arg(long, env = "PGSLUICE_STARTUP_TIMEOUT")]
+    pub startup_timeout: Option<String>,
+    /// On SIGTERM, how long running transactions may take to finish.
+    #[arg(long, env = "PGSLUICE_SHUTDOWN_TIMEOUT")]
+    pub shutdown_timeout: Option<String>,
+    /// Bearer token required by the admin API's mutating endpoints.
+    #[arg(long, env = "PGSLUICE_ADMIN_TOKEN")]
+    pub admin_token: Option<String>,
+    /// Consecutive upstream failures that open the circuit breaker.
+    #[arg(long, env = "PGSLUICE_BREAKER_THRESHOLD")]
+    pub breaker_threshold: Option<u32>,
+    /// First circuit-breaker cool-down; doubles on each re-open.
+    #[arg(long, env = "PGSLUICE_BREAKER_COOLDOWN")]
+    pub breaker_cooldown: Option<String>,
+    /// Longest circuit-breaker cool-down.
+    #[arg(long, env = "PGSLUICE_BREAKER_MAX_COOLDOWN")]
+    pub breaker_max_cooldown: Option<String>,
+    /// How often the upstream health check runs (readiness, breaker).
+    #[arg(long, env = "PGSLUICE_HEALTH_INTERVAL")]
+    pub health_interval: Option<String>,
+    /// Most distinct client identities used as metric labels; the rest fold into "other".
+    #[arg(long, env = "PGSLUICE_IDENTITY_LABEL_CAP")]
+    pub identity_label_cap: Option<usize>,
+}
+
+/// Where a server connection goes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Upstream {
+    pub host: String,
+    pub port: u16,
+    pub user: String,
+    pub password: Option<String>,
+    pub dbname: Option<String>,
+    pub sslmode: String,
+}
+
+impl Upstream {
+    pub fn parse(url: &str) -> Result<Upstream> {
+        let u = url::Url::parse(url).map_err(|e| anyhow!("--upstream {url:?}: {e}"))?;
+        if u.scheme() != "postgres" && u.scheme() != "postgresql" {
+            bail!("--upstream {url:?}: scheme must be postgres:// or postgresql://");
+        }
+        let decode = |s: &str| {
+            percent_encoding::percent_decode_str(s)
+                .decode_utf8_lossy()
+                .into_owned()
+        };
+        let host = u
+            .host_str()
+            .unwrap_or("127.0.0.1")
+            .trim_matches(['[', ']'])
+            .to_string();
+        let mut user = decode(u.username());
+        let mut password = u.password().map(decode);
+        let mut dbname = Some(decode(u.path().trim_start_matches('/'))).filter(|d| !d.is_empty());
+        let mut port = u.port().unwrap_or(5432);
+        let mut sslmode = "disable".to_string();
+        for (k, v) in u.query_pairs() {
+            match &*k {
+                "sslmode" => sslmode = v.into_owned(),
+                "user" => user = v.into_owned(),
+                "password" => password = Some(v.into_owned()),
+                "dbname" => dbname = Some(v.into_owned()),
+                "port" => {
+                    port = v
+                        .parse()
+                        .map_err(|_| anyhow!("--upstream: bad port {v:?}"))?
+                }
+                "application_name" | "connect_timeout" => {}
+                other => bail!("--upstream {url:?}: unsupported parameter {other:?}"),
+            }
+        }
+        if !matches!(sslmode.as_str(), "disable" | "allow" | "prefer") {
+            bail!("--upstream: sslmode={sslmode} needs TLS to the upstream, which this build does not support yet; use sslmode=disable or prefer");
+        }
+        if user.is_empty() {
+            user = "postgres".into();
+        }
+        Ok(Upstream {
+            host,
+            port,
+            user,
+            password,
+            dbname,
+            sslmode,
+        })
+    }
+
+    pub fn label(&self) -> String {
+        format!("{}:{}", self.host, self.port)
+    }
+}
+
+/// Validated configuration.
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub listen: SocketAddr,
+    pub upstream: Upstream,
+    pub admin_listen: Option<SocketAddr>,
+    pub pool_mode: PoolMode,
+    pub pool_size: usize,
+    pub max_active: usize,
+    pub max_queue: usize,
+    pub queue_timeout: Duration,
+    pub query_timeout: Option<Duration>,
+    pub shares: HashMap<String, u32>,
+    pub auth: AuthMethod,
+    pub users: Option<PathBuf>,
+    pub log_format: LogFormat,
+    pub max_client_conn: usize,
+    pub idle_in_transaction_timeout: Option<Duration>,
+    pub cancel_grace: Duration,
+    pub server_lifetime: Option<Duration>,
+    pub server_idle_timeout: Option<Duration>,
+    pub connect_timeout: Duration,
+    pub startup_timeout: Duration,
+    pub shutdown_timeout: Duration,
+    pub admin_token: Option<String>,
+    pub breaker_threshold: u32,
+    pub breaker_cooldown: Duration,
+    pub breaker_max_cooldown: Duration,
+    pub health_interval: Duration,
+    pub identity_label_cap: usize,
+    /// The TOML file this came from, re-read on SIGHUP.
+    pub config_file: Option<PathBuf>,
+    /// The flags as given, so a reload re-applies them over the new file.
+    pub flags: Flags,
+    /// Bumped on every reload so sessions notice a new configuration cheaply.
+    pub generation: u64,
+}
+
+impl Config {
+    /// Parses a full command line (first item is the program name) with env and file layers.
+    pub fn from_args<I, T>(args: I) -> Result<Config>
+    where
+        I: IntoIterator<Item = T>,
+        T: Into<std::ffi::OsString> + Clone,
+    {
+        let cli = Cli::try_parse_from(args).map_err(|e| anyhow!("{}", e.to_string().trim()))?;
+        Config::from_flags(cli.flags)
+    }
+
+    pub fn from_flags(flags: Flags) -> Result<Config> {
+        let file = match &flags.config {
+            Some(path) => Some(load_file(path)?),
+            None => None,
+        };
+        Config::build(flags, file)
+    }
+
+    /// Re-reads the TOML file (if any) under the original flags, for SIGHUP.
+    pub fn reload(&self) -> Result<Config> {
+        Config::from_flags(self.flags.clone())
+    }
+
+    fn build(flags: Flags, file: Option<Flags>) -> Result<Config> {
+        let f = file.unwrap_or_default();
+        macro_rules! pick {
+            ($field:ident) => {
+                flags.$field.clone().or(f.$field.clone())
+            };
+        }
+        let listen_s = pick!(listen).unwrap_or_else(|| "127.0.0.1:6432".into());
+        let listen: SocketAddr = listen_s
+            .parse()
+            .map_err(|_| anyhow!("--listen {listen_s:?}: expected HOST:PORT with an IP address"))?;
+        let upstream = Upstream::parse(
+            &pick!(upstream).unwrap_or_else(|| "postgres://127.0.0.1:5432".into()),
+        )?;
+        let admin_s = pick!(admin_listen).unwrap_or_else(|| "127.0.0.1:9930".into());
+        let admin_listen =
+            if admin_s == "off" {
+                None
+            } else {
+                Some(admin_s.parse().map_err(|_| {
+                    anyhow!("--admin-listen {admin_s:?}: expected HOST:PORT or off")
+                })?)
+            };
+        let pool_size = pick!(pool_size).unwrap_or(20);
+        if pool_size == 0 || pool_size > 10_000 {
+            bail!("--pool-size {pool_size}: must be between 1 and 10000");
+        }
+        let max_active = pick!(max_active).unwrap_or(pool_size);
+        if max_active == 0 {
+            bail!("--max-active 0: must be at least 1");
+        }
+        let shares_src = if flags.shares.is_empty() {
+            &f.shares
+        } else {
+            &flags.shares
+        };
+        let mut shares = HashMap::new();
+        for s in shares_src {
+            let (ident, w) = s
+                .rsplit_once('=')
+                .ok_or_else(|| anyhow!("--share {s:?}: expected IDENT=WEIGHT"))?;
+            let w: u32 = w
+                .parse()
+                .ok()
+                .filter(|w| *w >= 1 && *w <= 1000)
+                .ok_or_else(|| {
+                    anyhow!("--share {s:?}: weight must be a whole number from 1 to 1000")
+                })?;
+            shares.insert(ident.to_string(), w);
+        }
+        let auth = match pick!(auth) {
+            Some(a) => a,
+            None if listen.ip().is_loopback() => AuthMethod::Trust,
+            None => bail!(
+                "--listen {listen} is not loopback: choose --auth (md5 or scram-sha-256 with --users, or trust explicitly)"
+            ),
+        };
+        let users = pick!(users);
+        if auth != AuthMethod::Trust && users.is_none() {
+            bail!("--auth {auth:?} needs --users FILE");
+        }
+        let dur = |name: &str, v: Option<String>, default: &str| -> Result<Duration> {
+            let s = v.unwrap_or_else(|| default.to_string());
+            parse_duration(&s).map_err(|e| anyhow!("--{name} {s:?}: {e}"))
+        };
+        let opt = |d: Duration| (!d.is_zero()).then_some(d);
+        let cfg = Config {
+            listen,
+            upstream,
+            admin_listen,
+            pool_mode: pick!(pool_mode).unwrap_or(PoolMode::Transaction),
+            pool_size,
+            max_active,
+            max_queue: pick!(max_queue).unwrap_or(1000),
+            queue_timeout: dur("queue-timeout", pick!(queue_timeout), "5s")?,
+            query_timeout: opt(dur("query-timeout", pick!(query_timeout), "0")?),
+            shares,
+            auth,
+            users,
+            log_format: pick!(log_format).unwrap_or(LogFormat::Text),
+            max_client_conn: pick!(max_client_conn).unwrap_or(10_000),
+            idle_in_transaction_timeout: opt(dur(
+                "idle-in-transaction-timeout",
+                pick!(idle_in_transaction_timeout),
+                "0",
+            )?),
+            cancel_grace: dur("cancel-grace", pick!(cancel_grace), "5s")?,
+            server_lifetime: opt(dur("server-lifetime", pick!(server_lifetime), "1h")?),
+            server_idle_timeout: opt(dur(
+                "server-idle-timeout",
+                pick!(server_idle_timeout),
+                "10m",
+            )?),
+            connect_timeout: dur("connect-timeout", pick!(connect_timeout), "5s")?,
+            startup_timeout: dur("startup-timeout", pick!(startup_timeout), "15s")?,
+            shutdown_timeout: dur("shutdown-timeout", pick!(shutdown_timeout), "30s")?,
+            admin_token: pick!(admin_token).filter(|t| !t.is_empty()),
+            breaker_threshold: pick!(breaker_threshold).unwrap_or(5),
+            breaker_cooldown: dur("breaker-cooldown", pick!(breaker_cooldown), "500ms")?,
+            breaker_max_cooldown: dur("breaker-max-cooldown", pick!(breaker_max_cooldown), "30s")?,
+            health_interval: dur("health-interval", pick!(health_interval), "1s")?,
+            identity_label_cap: pick!(identity_label_cap).unwrap_or(50),
+            config_file: flags.config.clone(),
+            flags,
+            generation: 0,
+        };
+        if cfg.queue_timeout.is_zero() {
+            bail!("--queue-timeout 0: must be positive (use a small value to shed at once)");
+        }
+        if cfg.connect_timeout.is_zero()
+            || cfg.startup_timeout.is_zero()
+            || cfg.health_interval.is_zero()
+        {
+            bail!("--connect-timeout, --startup-timeout and --health-interval must be positive");
+        }
+        if cfg.breaker_threshold == 0 {
+            bail!("--breaker-threshold 0: must be at least 1");
+        }
+        if cfg.max_client_conn == 0 {
+            bail!("--max-client-conn 0: must be at least 1");
+        }
+        Ok(cfg)
+    }
+}
+
+fn load_file(path: &Path) -> Result<Flags> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("--config {}", path.display()))?;
+    let table: toml::Table = text
+        .parse()
+        .map_err(|e: toml::de::Error| anyhow!("--config {}: {}", path.display(), e.message()))?;
+    // Accept snake_case keys as well as the flags' kebab-case.
+    let normalized: toml::Table = table
+        .into_iter()
+        .map(|(k, v)| (k.replace('_', "-"), v))
+        .collect();
+    normalized
+        .try_into()
+        .map_err(|e: toml::de::Error| anyhow!("--config {}: {}", path.display(), e.message()))
+}
+
+/// "5s", "300ms", "1m30s", or "0" for off.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    if s == "0" {
+        return Ok(Duration::ZERO);
+    }
+    humantime::parse_duration(s).map_err(|e| format!("{e} (expected e.g. 5s, 300ms, 2m)"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg(args: &[&str]) -> Result<Config> {
+        let mut v = vec!["pgsluice"];
+        v.extend_from_slice(args);
+        Config::from_args(v)
+    }
+
+    #[test]
+    fn defaults_follow_the_contract() {
+        let c = cfg(&[]).unwrap();
+        assert_eq!(c.listen, "127.0.0.1:6432".parse().unwrap());
+        assert_eq!(c.pool_size, 20);
+        assert_eq!(c.max_active, 20);
+        assert_eq!(c.max_queue, 1000);
+        assert_eq!(c.queue_timeout, Duration::from_secs(5));
+        assert_eq!(c.query_timeout, None);
+        assert_eq!(c.pool_mode, PoolMode::Transaction);
+        assert_eq!(c.auth, AuthMethod::Trust);
+        assert_eq!(c.upstream.port, 5432);
+    }
+
+    #[test]
+    fn bad_values_name_themselves() {
+        let e = cfg(&["--queue-timeout", "soon"]).unwrap_err().to_string();
+        assert!(e.contains("--queue-timeout \"soon\""), "{e}");
+        let e = cfg(&["--share", "a=0"]).unwrap_err().to_string();
+        assert!(e.contains("--share"), "{e}");
+        let e = cfg(&["--listen", "0.0.0.0:6432"]).unwrap_err().to_string();
+        assert!(e.contains("--auth"), "{e}");
+        let e = cfg(&["--upstream", "mysql://x"]).unwrap_err().to_string();
+        assert!(e.contains("scheme"), "{e}");
+        assert!(cfg(&["--pool-size", "0"]).is_err());
+        assert!(cfg(&["--pool-size", "many"]).is_err());
+    }
+
+    #[test]
+    fn upstream_url() {
+        let u = Upstream::parse("postgres://app:s%40cret@db.internal:5433/shop?sslmode=prefer")
+            .unwrap();
+        assert_eq!(u.host, "db.internal");
+        assert_eq!(u.port, 5433);
+        assert_eq!(u.user, "app");
+        assert_eq!(u.password.as_deref(), Some("s@cret"));
+        assert_eq!(u.dbname.as_deref(), Some("shop"));
+    }
+
+    #[test]
+    fn file_fills_what_flags_leave() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("c.toml");
+        std::fs::write(
+            &p,
+            "pool_size = 7\nmax-queue = 3\nshare = [\"a=2\"]\nqueue-timeout = \"300ms\"\n",
+        )
+        .unwrap();
+        let c = cfg(&["--config", p.to_str().unwrap(), "--max-queue", "9"]).unwrap();
+        assert_eq!(c.pool_size, 7);
+        assert_eq!(c.max_queue, 9);
+        assert_eq!(c.shares.get("a"), Some(&2));
+        assert_eq!(c.queue_timeout, Duration::from_millis(300));
+        std::fs::write(&p, "pool-sise = 7\n").unwrap();
+        let e = cfg(&["--config", p.to_str().unwrap()])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("pool-sise"), "{e}");
+    }
+}

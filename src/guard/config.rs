@@ -1,0 +1,81 @@
+//! Guard tuning knobs and their defaults.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+/// Admission-control settings for one upstream.
+#[derive(Clone, Debug)]
+pub struct GuardConfig {
+    /// Upstream name, the `upstream` label of the circuit-state gauge.
+    pub upstream: String,
+    /// Cap on queries actively running upstream (all pools of one upstream).
+    pub max_active: usize,
+    /// Waiting queries beyond which new ones are shed at once.
+    pub max_queue: usize,
+    /// Longest wait for a slot.
+    pub queue_timeout: Duration,
+    /// How long the queue must stay non-empty before it counts as standing.
+    pub codel_interval: Duration,
+    /// While the queue stands, waiters older than this are shed.
+    ///
+    /// 50 ms: a few typical OLTP query durations, so ordinary jitter in slot turnover is
+    /// absorbed, yet far below the point where a client notices or its own timeout fires.
+    /// The 5 ms used for RPC queues would shed on mere scheduling noise for SQL.
+    pub codel_target: Duration,
+    /// A client that had a query admitted within this window is mid-request.
+    pub mid_request_window: Duration,
+    /// Number of client cohorts for consistent shedding (at least 1).
+    pub cohorts: u32,
+    /// How often the cohort priority order rotates.
+    pub cohort_rotation: Duration,
+    /// Identity -> fair-share weight; unlisted identities weigh 1.
+    pub shares: HashMap<String, u32>,
+    /// Circuit breaker settings.
+    pub breaker: BreakerConfig,
+}
+
+impl Default for GuardConfig {
+    fn default() -> Self {
+        GuardConfig {
+            upstream: "default".to_string(),
+            max_active: 20,
+            max_queue: 1000,
+            queue_timeout: Duration::from_secs(5),
+            codel_interval: Duration::from_millis(100),
+            codel_target: Duration::from_millis(50),
+            mid_request_window: Duration::from_millis(300),
+            cohorts: 16,
+            cohort_rotation: Duration::from_secs(60),
+            shares: HashMap::new(),
+            breaker: BreakerConfig::default(),
+        }
+    }
+}
+
+impl GuardConfig {
+    /// Fair-share weight of an identity (never 0).
+    pub fn weight_of(&self, identity: &str) -> u32 {
+        self.shares.get(identity).copied().unwrap_or(1).max(1)
+    }
+}
+
+/// Circuit-breaker settings.
+#[derive(Clone, Debug)]
+pub struct BreakerConfig {
+    /// Consecutive failures that open the circuit.
+    pub failure_threshold: u32,
+    /// Cool-down after the first opening; doubles on each re-open.
+    pub base_cooldown: Duration,
+    /// Ceiling of the cool-down.
+    pub max_cooldown: Duration,
+}
+
+impl Default for BreakerConfig {
+    fn default() -> Self {
+        BreakerConfig {
+            failure_threshold: 5,
+            base_cooldown: Duration::from_millis(500),
+            max_cooldown: Duration::from_secs(30),
+        }
+    }
+}

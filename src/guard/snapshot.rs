@@ -1,0 +1,39 @@
+//! Serializable view of a guard for the admin `/pools` endpoint.
+
+use std::collections::BTreeMap;
+
+use serde::Serialize;
+
+use super::types::CircuitState;
+
+#[derive(Debug, Clone, Serialize)]
+pub struct GuardSnapshot {
+    pub upstream: String,
+    pub active: usize,
+    pub limit: usize,
+    pub queued: usize,
+    pub paused: bool,
+    pub circuit: CircuitState,
+    /// True while the queue has stood longer than the CoDel interval.
+    pub standing_queue: bool,
+    /// Cohorts currently admitted for new work, out of `cohorts`.
+    pub admitted_cohorts: u32,
+    pub cohorts: u32,
+    pub pools: BTreeMap<String, PoolSnapshot>,
+    pub identities: BTreeMap<String, IdentitySnapshot>,
+}
+
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct PoolSnapshot {
+    pub active: usize,
+    pub queued: usize,
+}
+
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct IdentitySnapshot {
+    pub active: usize,
+    pub queued: usize,
+    pub weight: u32,
+    pub admitted_total: u64,
+    pub shed_total: u64,
+}

@@ -1,0 +1,31 @@
+//! One server connection and the relay buffers that travel with it.
+
+use std::net::SocketAddr;
+use std::time::Instant;
+use tokio::net::TcpStream;
+
+pub struct ServerConn {
+    pub id: u64,
+    pub stream: TcpStream,
+    /// Where CancelRequests for this backend go.
+    pub addr: SocketAddr,
+    pub pid: i32,
+    pub secret: i32,
+    pub created: Instant,
+    /// Set when the connection must not be reused (protocol state unknown, I/O error).
+    pub broken: bool,
+}
+
+impl ServerConn {
+    pub fn new(id: u64, stream: TcpStream, addr: SocketAddr, pid: i32, secret: i32) -> Self {
+        ServerConn {
+            id,
+            stream,
+            addr,
+            pid,
+            secret,
+            created: Instant::now(),
+            broken: false,
+        }
+    }
+}

@@ -1,0 +1,351 @@
+//! Server connections: one bb8 pool per (database, user), connections that log in to the
+//! upstream, are discarded when broken or too old, and never reach another client dirty.
+
+use crate::auth::upstream::{upstream_startup, UpstreamAuthError};
+use crate::auth::UserStore;
+use crate::config::{Config, Upstream};
+use crate::guard::Guard;
+use crate::metrics as m;
+use parking_lot::{Mutex, RwLock};
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::net::TcpStream;
+
+pub mod conn;
+pub use conn::ServerConn;
+
+#[derive(Debug, thiserror::Error)]
+pub enum PoolError {
+    #[error("could not connect to upstream {addr}: {source}")]
+    Connect {
+        addr: String,
+        source: std::io::Error,
+    },
+    #[error("upstream login failed: {0}")]
+    Login(#[from] UpstreamAuthError),
+    #[error("timed out connecting to upstream {0}")]
+    Timeout(String),
+    #[error("no server connection became free in time")]
+    Exhausted,
+}
+
+impl PoolError {
+    /// Errors the upstream itself reported (bad password, unknown database) are passed to the
+    /// client as they are; everything else means the upstream could not be reached.
+    pub fn server_error(&self) -> Option<(&str, &str)> {
+        match self {
+            PoolError::Login(UpstreamAuthError::Server { code, message, .. }) => {
+                Some((code, message))
+            }
+            _ => None,
+        }
+    }
+
+    /// True when the failure says something about the upstream's health (breaker input).
+    pub fn is_upstream_failure(&self) -> bool {
+        match self {
+            PoolError::Connect { .. } | PoolError::Timeout(_) => true,
+            PoolError::Login(UpstreamAuthError::Server { code, .. }) => {
+                // Startup/shutdown/too many connections: the server is not serving.
+                code.starts_with("57P") || code == "53300"
+            }
+            PoolError::Login(UpstreamAuthError::Io(_)) => true,
+            _ => false,
+        }
+    }
+}
+
+static NEXT_CONN_ID: AtomicU64 = AtomicU64::new(1);
+
+/// Creates and checks server connections for one (database, user).
+pub struct ServerManager {
+    upstream: Upstream,
+    user: String,
+    database: String,
+    password: Option<String>,
+    connect_timeout: Duration,
+    lifetime: Option<Duration>,
+    guard: Arc<Guard>,
+    label: Arc<str>,
+    /// The server's ParameterStatus set, remembered from the first login.
+    params: Arc<RwLock<Vec<(String, String)>>>,
+}
+
+impl ServerManager {
+    async fn connect_inner(&self) -> Result<ServerConn, PoolError> {
+        let addr_s = format!("{}:{}", self.upstream.host, self.upstream.port);
+        let mut stream =
+            TcpStream::connect(&addr_s)
+                .await
+                .map_err(|source| PoolError::Connect {
+                    addr: addr_s.clone(),
+                    source,
+                })?;
+        let _ = stream.set_nodelay(true);
+        let peer: SocketAddr = stream.peer_addr().map_err(|source| PoolError::Connect {
+            addr: addr_s.clone(),
+            source,
+        })?;
+        let params = [
+            ("user", self.user.as_str()),
+            ("database", self.database.as_str()),
+            ("application_name", "pgsluice"),
+            ("client_encoding", "UTF8"),
+        ];
+        let st = upstream_startup(&mut stream, &params, self.password.as_deref()).await?;
+        {
+            let mut p = self.params.write();
+            if p.is_empty() {
+                *p = st.params.clone();
+            }
+        }
+        Ok(ServerConn::new(
+            NEXT_CONN_ID.fetch_add(1, Ordering::Relaxed),
+            stream,
+            peer,
+            st.pid,
+            st.secret,
+        ))
+    }
+}
+
+impl bb8::ManageConnection for ServerManager {
+    type Connection = ServerConn;
+    type Error = PoolError;
+
+    async fn connect(&self) -> Result<ServerConn, PoolError> {
+        let res = match tokio::time::timeout(self.connect_timeout, self.connect_inner()).await {
+            Ok(r) => r,
+            Err(_) => Err(PoolError::Timeout(self.upstream.label())),
+        };
+        let outcome = match &res {
+            Ok(_) => {
+                self.guard.record_success();
+                "ok"
+            }
+            Err(e) => {
+                if e.is_upstream_failure() {
+                    self.guard.record_failure();
+                }
+                "error"
+            }
+        };
+        metrics::counter!(m::SERVER_CONNECTS_TOTAL, "pool" => self.label.to_string(), "outcome" => outcome).increment(1);
+        res
+    }
+
+    async fn is_valid(&self, _conn: &mut ServerConn) -> Result<(), PoolError> {
+        // Checked-in connections are always at a clean ReadyForQuery; a dead socket shows up
+        // as an error on first use and the session retries on a fresh connection.
+        Ok(())
+    }
+
+    fn has_broken(&self, conn: &mut ServerConn) -> bool {
+        conn.broken || self.lifetime.is_some_and(|l| conn.created.elapsed() > l)
+    }
+}
+
+/// Metric handles of one pool, registered once so the hot path does not build labels.
+pub struct PoolMetrics {
+    ok: metrics::Counter,
+    error: metrics::Counter,
+    other: HashMap<&'static str, metrics::Counter>,
+    pub duration: metrics::Histogram,
+}
+
+const OUTCOMES: &[&str] = &["shed", "timeout", "cancelled", "upstream_lost", "abandoned"];
+
+impl PoolMetrics {
+    fn new(label: &str) -> Self {
+        let c = |o: &'static str| metrics::counter!(m::QUERIES_TOTAL, "pool" => label.to_string(), "outcome" => o);
+        PoolMetrics {
+            ok: c("ok"),
+            error: c("error"),
+            other: OUTCOMES.iter().map(|o| (*o, c(o))).collect(),
+            duration: metrics::histogram!(m::QUERY_DURATION_SECONDS, "pool" => label.to_string()),
+        }
+    }
+
+    pub fn queries(&self, outcome: &'static str) -> &metrics::Counter {
+        match outcome {
+            "ok" => &self.ok,
+            "error" => &self.error,
+            o => self.other.get(o).unwrap_or(&self.error),
+        }
+    }
+}
+
+/// A pool for one (database, user) plus what the sessions need to know about it.
+pub struct PoolEntry {
+    pub metrics: PoolMetrics,
+    pub pool: bb8::Pool<ServerManager>,
+    pub label: Arc<str>,
+    pub database: String,
+    pub user: String,
+    params: Arc<RwLock<Vec<(String, String)>>>,
+}
+
+impl PoolEntry {
+    /// The upstream's ParameterStatus set (empty until the first successful login).
+    pub fn server_params(&self) -> Vec<(String, String)> {
+        self.params.read().clone()
+    }
+
+    /// Checks a connection out, waiting at most `wait`.
+    pub async fn get(
+        &self,
+        wait: Duration,
+    ) -> Result<bb8::PooledConnection<'static, ServerManager>, PoolError> {
+        match tokio::time::timeout(wait, self.pool.get_owned()).await {
+            Ok(Ok(c)) => Ok(c),
+            Ok(Err(bb8::RunError::User(e))) => Err(e),
+            Ok(Err(bb8::RunError::TimedOut)) | Err(_) => Err(PoolError::Exhausted),
+        }
+    }
+}
+
+/// All pools of one upstream, created on first use.
+pub struct PoolRegistry {
+    pools: Mutex<HashMap<(String, String), Arc<PoolEntry>>>,
+    settings: RwLock<PoolSettings>,
+    upstream: Upstream,
+    guard: Arc<Guard>,
+    /// Users file: plain passwords there are used to log in upstream as that user.
+    users: RwLock<Arc<UserStore>>,
+}
+
+#[derive(Clone, Debug)]
+struct PoolSettings {
+    size: usize,
+    lifetime: Option<Duration>,
+    idle_timeout: Option<Duration>,
+    connect_timeout: Duration,
+}
+
+impl PoolSettings {
+    fn from(cfg: &Config) -> Self {
+        PoolSettings {
+            size: cfg.pool_size,
+            lifetime: cfg.server_lifetime,
+            idle_timeout: cfg.server_idle_timeout,
+            connect_timeout: cfg.connect_timeout,
+        }
+    }
+}
+
+impl PoolRegistry {
+    pub fn new(cfg: &Config, guard: Arc<Guard>, users: Arc<UserStore>) -> Self {
+        PoolRegistry {
+            pools: Mutex::new(HashMap::new()),
+            settings: RwLock::new(PoolSettings::from(cfg)),
+            upstream: cfg.upstream.clone(),
+            guard,
+            users: RwLock::new(users),
+        }
+    }
+
+    /// Applies new settings to pools created from now on (bb8 pools cannot be resized in
+    /// place; existing ones keep their size until the proxy restarts).
+    pub fn update(&self, cfg: &Config, users: Arc<UserStore>) {
+        *self.settings.write() = PoolSettings::from(cfg);
+        *self.users.write() = users;
+    }
+
+    pub fn get_or_create(&self, database: &str, user: &str) -> Arc<PoolEntry> {
+        let key = (database.to_string(), user.to_string());
+        if let Some(p) = self.pools.lock().get(&key) {
+            return p.clone();
+        }
+        let s = self.settings.read().clone();
+        let from_file = self
+            .users
+            .read()
+            .get(user)
+            .and_then(|u| u.plain_password().map(str::to_string));
+        let password = from_file.or_else(|| {
+            (user == self.upstream.user)
+                .then(|| self.upstream.password.clone())
+                .flatten()
+        });
+        let label: Arc<str> = format!("{database}/{user}").into();
+        let params = Arc::new(RwLock::new(Vec::new()));
+        let manager = ServerManager {
+            upstream: self.upstream.clone(),
+            user: user.to_string(),
+            database: database.to_string(),
+            password,
+            connect_timeout: s.connect_timeout,
+            lifetime: s.lifetime,
+            guard: self.guard.clone(),
+            label: label.clone(),
+            params: params.clone(),
+        };
+        let pool = bb8::Pool::builder()
+            .max_size(s.size as u32)
+            .min_idle(None)
+            .test_on_check_out(false)
+            .retry_connection(false)
+            .max_lifetime(s.lifetime)
+            .idle_timeout(s.idle_timeout)
+            .connection_timeout(Duration::from_secs(3600))
+            .reaper_rate(Duration::from_secs(5))
+            .build_unchecked(manager);
+        let entry = Arc::new(PoolEntry {
+            metrics: PoolMetrics::new(&label),
+            pool,
+            label,
+            database: database.to_string(),
+            user: user.to_string(),
+            params,
+        });
+        self.pools.lock().entry(key).or_insert(entry).clone()
+    }
+
+    pub fn all(&self) -> Vec<Arc<PoolEntry>> {
+        self.pools.lock().values().cloned().collect()
+    }
+
+    /// Publishes per-pool server connection gauges.
+    pub fn export_gauges(&self) {
+        for p in self.all() {
+            let st = p.pool.state();
+            let active = st.connections.saturating_sub(st.idle_connections);
+            metrics::gauge!(m::SERVER_CONNECTIONS, "pool" => p.label.to_string(), "state" => "active").set(active as f64);
+            metrics::gauge!(m::SERVER_CONNECTIONS, "pool" => p.label.to_string(), "state" => "idle")
+                .set(st.idle_connections as f64);
+        }
+    }
+}
+
+/// Opens one connection outside any pool (health checks).
+pub async fn probe(upstream: &Upstream, timeout: Duration) -> Result<Duration, String> {
+    let t0 = Instant::now();
+    let fut = async {
+        let addr = format!("{}:{}", upstream.host, upstream.port);
+        let mut s = TcpStream::connect(&addr).await.map_err(|e| e.to_string())?;
+        let db = upstream
+            .dbname
+            .clone()
+            .unwrap_or_else(|| upstream.user.clone());
+        let params = [
+            ("user", upstream.user.as_str()),
+            ("database", db.as_str()),
+            ("application_name", "pgsluice-health"),
+        ];
+        upstream_startup(&mut s, &params, upstream.password.as_deref())
+            .await
+            .map_err(|e| e.to_string())?;
+        let mut b = bytes::BytesMut::new();
+        crate::protocol::terminate(&mut b);
+        let _ = tokio::io::AsyncWriteExt::write_all(&mut s, &b).await;
+        Ok::<_, String>(())
+    };
+    match tokio::time::timeout(timeout, fut).await {
+        Ok(Ok(())) => Ok(t0.elapsed()),
+        Ok(Err(e)) => Err(e),
+        Err(_) => Err("timed out".into()),
+    }
+}

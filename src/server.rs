@@ -1,0 +1,348 @@
+//! The running proxy: shared state, the accept loop, background checks, reload and
+//! graceful shutdown.
+
+use crate::auth::UserStore;
+use crate::cancel::CancelRegistry;
+use crate::config::Config;
+use crate::guard::{BreakerConfig, Guard, GuardConfig, Shed};
+use crate::metrics as m;
+use crate::pool::{self, PoolEntry, PoolRegistry};
+use anyhow::{Context, Result};
+use parking_lot::RwLock;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tracing::{info, warn};
+
+/// State every session and background task shares.
+pub struct Shared {
+    config: RwLock<Arc<Config>>,
+    config_generation: AtomicU64,
+    users: RwLock<Arc<UserStore>>,
+    pub guard: Arc<Guard>,
+    pub pools: PoolRegistry,
+    pub cancels: Arc<CancelRegistry>,
+    pub clients_total: AtomicUsize,
+    pub clients_waiting: AtomicUsize,
+    pub clients_active: AtomicUsize,
+    next_client: AtomicU64,
+    shutdown: watch::Sender<bool>,
+    pub upstream_up: AtomicBool,
+    started: Instant,
+    /// Milliseconds since start of the last shed log line (rate limit).
+    last_shed_log: AtomicU64,
+    suppressed_sheds: AtomicU64,
+}
+
+pub fn guard_config(cfg: &Config) -> GuardConfig {
+    GuardConfig {
+        upstream: cfg.upstream.label(),
+        max_active: cfg.max_active,
+        max_queue: cfg.max_queue,
+        queue_timeout: cfg.queue_timeout,
+        shares: cfg.shares.clone(),
+        breaker: BreakerConfig {
+            failure_threshold: cfg.breaker_threshold,
+            base_cooldown: cfg.breaker_cooldown,
+            max_cooldown: cfg.breaker_max_cooldown,
+        },
+        ..Default::default()
+    }
+}
+
+fn load_users(cfg: &Config) -> Result<Arc<UserStore>> {
+    Ok(Arc::new(match &cfg.users {
+        Some(p) => UserStore::load(p).map_err(anyhow::Error::msg)?,
+        None => UserStore::empty(),
+    }))
+}
+
+impl Shared {
+    pub fn config(&self) -> Arc<Config> {
+        self.config.read().clone()
+    }
+
+    pub fn config_generation(&self) -> u64 {
+        self.config_generation.load(Ordering::Relaxed)
+    }
+
+    pub fn users(&self) -> Arc<UserStore> {
+        self.users.read().clone()
+    }
+
+    pub fn next_client_id(&self) -> u64 {
+        self.next_client.fetch_add(1, Ordering::Relaxed)
+    }
+
+    pub fn shutdown_rx(&self) -> watch::Receiver<bool> {
+        self.shutdown.subscribe()
+    }
+
+    pub fn is_shutting_down(&self) -> bool {
+        *self.shutdown.borrow()
+    }
+
+    /// Re-reads the configuration file; an invalid one leaves everything as it was.
+    pub fn reload(&self) -> Result<(), String> {
+        let old = self.config();
+        let mut new = old.reload().map_err(|e| e.to_string())?;
+        let users = load_users(&new).map_err(|e| e.to_string())?;
+        if new.listen != old.listen
+            || new.admin_listen != old.admin_listen
+            || new.upstream != old.upstream
+        {
+            warn!(
+                "listen, admin-listen and upstream changes need a restart; keeping the old values"
+            );
+            new.listen = old.listen;
+            new.admin_listen = old.admin_listen;
+            new.upstream = old.upstream.clone();
+        }
+        new.generation = old.generation + 1;
+        self.guard.update_config(guard_config(&new));
+        self.pools.update(&new, users.clone());
+        *self.users.write() = users;
+        *self.config.write() = Arc::new(new);
+        self.config_generation.fetch_add(1, Ordering::Relaxed);
+        info!("configuration reloaded");
+        Ok(())
+    }
+
+    pub fn count_query(&self, pool: &PoolEntry, outcome: &'static str) {
+        pool.metrics.queries(outcome).increment(1);
+    }
+
+    pub fn observe_query(&self, pool: &PoolEntry, outcome: &'static str, took: Duration) {
+        pool.metrics.queries(outcome).increment(1);
+        pool.metrics.duration.record(took.as_secs_f64());
+    }
+
+    pub fn count_cancel(&self, pool: &PoolEntry, cause: &'static str) {
+        metrics::counter!(m::CANCELS_TOTAL, "pool" => pool.label.to_string(), "cause" => cause)
+            .increment(1);
+    }
+
+    /// Logs a shed at most once a second, with how many were folded into it.
+    pub fn log_shed(&self, identity: &str, shed: &Shed) {
+        let now = self.started.elapsed().as_millis() as u64;
+        let last = self.last_shed_log.load(Ordering::Relaxed);
+        if now.saturating_sub(last) >= 1000
+            && self
+                .last_shed_log
+                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+        {
+            let folded = self.suppressed_sheds.swap(0, Ordering::Relaxed);
+            warn!(
+                identity,
+                reason = shed.reason.as_str(),
+                active = shed.active,
+                limit = shed.limit,
+                queued = shed.queued,
+                waited_ms = shed.waited.as_millis() as u64,
+                also_shed = folded,
+                "query shed"
+            );
+        } else {
+            self.suppressed_sheds.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    fn export_gauges(&self) {
+        let total = self.clients_total.load(Ordering::Relaxed);
+        let waiting = self.clients_waiting.load(Ordering::Relaxed);
+        let active = self.clients_active.load(Ordering::Relaxed);
+        metrics::gauge!(m::CLIENT_CONNECTIONS, "state" => "active").set(active as f64);
+        metrics::gauge!(m::CLIENT_CONNECTIONS, "state" => "waiting").set(waiting as f64);
+        metrics::gauge!(m::CLIENT_CONNECTIONS, "state" => "idle")
+            .set(total.saturating_sub(active + waiting) as f64);
+        self.pools.export_gauges();
+        let up = self.config().upstream.label();
+        metrics::gauge!(m::UPSTREAM_UP, "upstream" => up.clone()).set(
+            if self.upstream_up.load(Ordering::Relaxed) {
+                1.0
+            } else {
+                0.0
+            },
+        );
+        metrics::gauge!(m::CIRCUIT_STATE, "upstream" => up)
+            .set(self.guard.circuit_state().as_gauge());
+    }
+}
+
+/// A started proxy.
+pub struct ProxyHandle {
+    addr: SocketAddr,
+    admin_addr: Option<SocketAddr>,
+    shared: Arc<Shared>,
+    accept: JoinHandle<()>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl ProxyHandle {
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin_addr
+    }
+
+    pub fn shared(&self) -> &Arc<Shared> {
+        &self.shared
+    }
+
+    /// Stops accepting, lets clients finish their transactions up to the shutdown timeout,
+    /// then stops everything.
+    pub async fn shutdown(self) {
+        let _ = self.shared.shutdown.send(true);
+        self.accept.abort();
+        let deadline = Instant::now() + self.shared.config().shutdown_timeout;
+        while self.shared.clients_total.load(Ordering::Relaxed) > 0 && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let left = self.shared.clients_total.load(Ordering::Relaxed);
+        if left > 0 {
+            warn!(
+                clients = left,
+                "shutdown deadline passed; closing remaining clients"
+            );
+        }
+        for t in self.tasks {
+            t.abort();
+        }
+    }
+}
+
+/// Binds the listeners and starts serving.
+pub async fn start(cfg: Config) -> Result<ProxyHandle> {
+    let prometheus = m::install();
+    let users = load_users(&cfg)?;
+    let guard = Guard::new(guard_config(&cfg));
+    let listener = TcpListener::bind(cfg.listen)
+        .await
+        .with_context(|| format!("--listen {}: cannot bind", cfg.listen))?;
+    let addr = listener.local_addr()?;
+    let admin_listener = match cfg.admin_listen {
+        Some(a) => Some(
+            TcpListener::bind(a)
+                .await
+                .with_context(|| format!("--admin-listen {a}: cannot bind"))?,
+        ),
+        None => None,
+    };
+    let admin_addr = admin_listener.as_ref().and_then(|l| l.local_addr().ok());
+    let (shutdown, _) = watch::channel(false);
+    let shared = Arc::new(Shared {
+        pools: PoolRegistry::new(&cfg, guard.clone(), users.clone()),
+        config: RwLock::new(Arc::new(cfg)),
+        config_generation: AtomicU64::new(0),
+        users: RwLock::new(users),
+        guard,
+        cancels: Arc::new(CancelRegistry::new()),
+        clients_total: AtomicUsize::new(0),
+        clients_waiting: AtomicUsize::new(0),
+        clients_active: AtomicUsize::new(0),
+        next_client: AtomicU64::new(1),
+        shutdown,
+        upstream_up: AtomicBool::new(false),
+        started: Instant::now(),
+        last_shed_log: AtomicU64::new(0),
+        suppressed_sheds: AtomicU64::new(0),
+    });
+    let mut tasks = vec![tokio::spawn(health_loop(shared.clone()))];
+    if let Some(l) = admin_listener {
+        tasks.push(tokio::spawn(crate::admin_backend::serve(
+            l,
+            shared.clone(),
+            prometheus,
+        )));
+    }
+    let accept = tokio::spawn(accept_loop(listener, shared.clone()));
+    info!(%addr, admin = ?admin_addr, upstream = %shared.config().upstream.label(), "pgsluice listening");
+    Ok(ProxyHandle {
+        addr,
+        admin_addr,
+        shared,
+        accept,
+        tasks,
+    })
+}
+
+async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
+    loop {
+        let (sock, peer) = match listener.accept().await {
+            Ok(x) => x,
+            Err(e) => {
+                // Out of file descriptors and the like: back off instead of spinning.
+                warn!(error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let _ = sock.set_nodelay(true);
+        let max = shared.config().max_client_conn;
+        if shared.clients_total.fetch_add(1, Ordering::AcqRel) >= max {
+            shared.clients_total.fetch_sub(1, Ordering::AcqRel);
+            tokio::spawn(refuse_client(sock));
+            continue;
+        }
+        let sh = shared.clone();
+        tokio::spawn(async move {
+            let span = tracing::info_span!("client", %peer);
+            let _ =
+                tracing::Instrument::instrument(crate::session::run(sock, sh.clone()), span).await;
+            sh.clients_total.fetch_sub(1, Ordering::AcqRel);
+        });
+    }
+}
+
+/// Too many clients: answer the startup with 53300 and close.
+async fn refuse_client(mut sock: TcpStream) {
+    let cancels = CancelRegistry::new();
+    let _ = tokio::time::timeout(Duration::from_secs(2), async {
+        if let Ok(crate::session::startup::Startup::Session(_)) =
+            crate::session::startup::read_startup(&mut sock, &cancels).await
+        {
+            crate::session::startup::send_fatal(
+                &mut sock,
+                "53300",
+                "pgsluice: too many clients already",
+            )
+            .await;
+        }
+    })
+    .await;
+}
+
+/// Checks the upstream on an interval (readiness, breaker) and publishes gauges.
+async fn health_loop(shared: Arc<Shared>) {
+    let mut was_up: Option<bool> = None;
+    loop {
+        let cfg = shared.config();
+        let ok = pool::probe(
+            &cfg.upstream,
+            cfg.connect_timeout.min(cfg.health_interval * 3),
+        )
+        .await;
+        let up = ok.is_ok();
+        shared.upstream_up.store(up, Ordering::Relaxed);
+        match &ok {
+            Ok(_) => shared.guard.record_success(),
+            Err(_) => shared.guard.record_failure(),
+        }
+        if was_up != Some(up) {
+            match &ok {
+                Ok(t) => info!(latency_ms = t.as_millis() as u64, "upstream is up"),
+                Err(e) => warn!(error = %e, "upstream health check failed"),
+            }
+            was_up = Some(up);
+        }
+        shared.export_gauges();
+        tokio::time::sleep(cfg.health_interval).await;
+    }
+}

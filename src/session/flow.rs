@@ -1,0 +1,367 @@
+//! The steps of one query: admission, the relay, and what happens after it — release,
+//! refusal, cancellation, recovery from a lost server.
+
+use super::*;
+use crate::cancel::send_cancel;
+
+/// Why a cancel was sent upstream (metric label).
+#[derive(Clone, Copy)]
+pub(super) enum CancelCause {
+    ClientGone,
+    QueryTimeout,
+    IdleInTransaction,
+    ProtocolError,
+}
+
+impl CancelCause {
+    fn as_str(self) -> &'static str {
+        match self {
+            CancelCause::ClientGone => "client_gone",
+            CancelCause::QueryTimeout => "query_timeout",
+            CancelCause::IdleInTransaction => "idle_in_transaction",
+            CancelCause::ProtocolError => "protocol_error",
+        }
+    }
+}
+
+impl Session {
+    fn admit_request(&self) -> AdmitRequest {
+        AdmitRequest {
+            pool: self.pool.label.clone(),
+            identity: self.identity.clone(),
+            client_id: self.client_id,
+            in_transaction: self.server.is_some() && self.st.status != b'I',
+            last_admitted: self.last_admitted,
+            deadline: None,
+        }
+    }
+
+    /// Waits for a concurrency slot while watching the client: a client that leaves or
+    /// cancels leaves the queue at once and no work starts for it.
+    pub(super) async fn admit(&mut self) -> Admission {
+        let guard = self.shared.guard.clone();
+        let fut = guard.admit(self.admit_request());
+        tokio::pin!(fut);
+        self.entry.queued.store(true, Ordering::Release);
+        self.shared.clients_waiting.fetch_add(1, Ordering::Relaxed);
+        let out = loop {
+            let watch_client =
+                !self.st.terminated && !self.st.client_eof && self.st.c2s.has_spare();
+            tokio::select! {
+                biased;
+                r = &mut fut => break match r {
+                    Ok(p) => Admission::Admitted(p),
+                    Err(shed) => self.shed(shed).await,
+                },
+                _ = self.entry.queued_cancel.notified() => {
+                    self.entry.queued.store(false, Ordering::Release);
+                    self.shared.count_query(&self.pool, "cancelled");
+                    info!(identity = %self.identity, cause = "client_request", "query cancelled while queued");
+                    break match self.refuse_batch("57014", "canceling statement due to user request (pgsluice: the query was still queued)", None).await {
+                        Ok(()) => Admission::Refused,
+                        Err(()) => Admission::ClientGone,
+                    };
+                }
+                r = self.client.readable(), if watch_client => {
+                    if r.is_err() {
+                        self.st.client_eof = true;
+                    } else if let Err(msg) = self.read_client_nonblocking() {
+                        startup::send_fatal(&mut self.client, "08P01", &msg).await;
+                        self.st.client_eof = true;
+                    }
+                    if self.st.client_eof {
+                        debug!(identity = %self.identity, "client left while queued");
+                        self.shared.count_query(&self.pool, "abandoned");
+                        break Admission::ClientGone;
+                    }
+                }
+            }
+        };
+        self.entry.queued.store(false, Ordering::Release);
+        self.shared.clients_waiting.fetch_sub(1, Ordering::Relaxed);
+        out
+    }
+
+    async fn shed(&mut self, shed: Shed) -> Admission {
+        self.shared.count_query(&self.pool, "shed");
+        self.shared.log_shed(&self.identity, &shed);
+        let msg = shed.message();
+        match self
+            .refuse_batch(shed.reason.sqlstate(), &msg, Some(&shed.hint()))
+            .await
+        {
+            Ok(()) => Admission::Refused,
+            Err(()) => Admission::ClientGone,
+        }
+    }
+
+    /// Answers the first unsent batch with an error instead of running it. The client's
+    /// connection stays usable.
+    pub(super) async fn refuse_batch(
+        &mut self,
+        code: &str,
+        msg: &str,
+        hint: Option<&str>,
+    ) -> Result<(), ()> {
+        let mut b = BytesMut::with_capacity(256);
+        protocol::error_response(&mut b, Severity::Error, code, msg, hint);
+        if self.st.drop_first_batch() {
+            protocol::ready_for_query(&mut b, self.st.status);
+        }
+        self.client.write_all(&b).await.map_err(|_| ())
+    }
+
+    /// Sends ReadyForQuery with the current status, optionally after an error.
+    pub(super) async fn ready(&mut self, error: Option<(&str, &str)>) -> Result<(), ()> {
+        let mut b = BytesMut::with_capacity(128);
+        if let Some((code, msg)) = error {
+            protocol::error_response(&mut b, Severity::Error, code, msg, None);
+        }
+        protocol::ready_for_query(&mut b, self.st.status);
+        self.client.write_all(&b).await.map_err(|_| ())
+    }
+
+    /// Relays one admitted batch (and any pipelined after it) until nothing is in flight.
+    /// Returns false when the session is over.
+    pub(super) async fn run_query(&mut self, permit: Permit) -> bool {
+        let Some(server) = self.server.as_mut() else {
+            return false;
+        };
+        let target = BackendTarget {
+            addr: server.addr,
+            pid: server.pid,
+            secret: server.secret,
+        };
+        self.entry.start_query(target);
+        self.shared.clients_active.fetch_add(1, Ordering::Relaxed);
+        let t0 = Instant::now();
+        let deadline = self
+            .cfg
+            .query_timeout
+            .map(|d| tokio::time::Instant::from_std(t0 + d));
+        let mut timed_out = false;
+        self.st.saw_error = false;
+        let ev = loop {
+            let fut = relay::relay(&mut self.client, &mut server.stream, &mut self.st);
+            tokio::select! {
+                ev = fut => break ev,
+                _ = sleep_until_opt(deadline), if !timed_out => {
+                    timed_out = true;
+                    self.st.rewrite_cancel = Some("pgsluice: query timeout");
+                    self.shared.count_cancel(&self.pool, CancelCause::QueryTimeout.as_str());
+                    info!(identity = %self.identity, cause = "query_timeout", age_ms = t0.elapsed().as_millis() as u64, "cancelling query");
+                    if let Err(e) = send_cancel(target, self.cfg.cancel_grace).await {
+                        warn!(error = %e, "could not deliver cancel");
+                    }
+                }
+            }
+        };
+        self.shared.clients_active.fetch_sub(1, Ordering::Relaxed);
+        self.entry.end_query();
+        let outcome = if timed_out {
+            "timeout"
+        } else if self.st.saw_error {
+            "error"
+        } else {
+            "ok"
+        };
+        match ev {
+            RelayEvent::Idle => {
+                self.entry
+                    .wait_no_cancel_in_flight(self.cfg.cancel_grace)
+                    .await;
+                self.shared.guard.record_success();
+                self.shared.observe_query(&self.pool, outcome, t0.elapsed());
+                drop(permit);
+                self.after_idle();
+                true
+            }
+            RelayEvent::ClientGone => {
+                drop(permit);
+                self.shared
+                    .observe_query(&self.pool, "abandoned", t0.elapsed());
+                let age = t0.elapsed();
+                self.release_server(CancelCause::ClientGone, Some(age))
+                    .await;
+                false
+            }
+            RelayEvent::ClientProtocol(e) => {
+                drop(permit);
+                startup::send_fatal(
+                    &mut self.client,
+                    "08P01",
+                    &format!("pgsluice: invalid message from client: {e}"),
+                )
+                .await;
+                self.release_server(CancelCause::ProtocolError, Some(t0.elapsed()))
+                    .await;
+                false
+            }
+            RelayEvent::ServerGone(e) => {
+                warn!(identity = %self.identity, error = %e, "lost connection to upstream");
+                drop(permit);
+                self.shared
+                    .observe_query(&self.pool, "upstream_lost", t0.elapsed());
+                self.server_lost().await
+            }
+            RelayEvent::ServerProtocol(e) => {
+                warn!(identity = %self.identity, error = %e, "upstream sent an invalid message");
+                drop(permit);
+                self.server_lost().await
+            }
+        }
+    }
+
+    /// After a batch completes: give the server back when the transaction is over.
+    fn after_idle(&mut self) {
+        if self.st.server_fatal {
+            if let Some(mut s) = self.server.take() {
+                s.broken = true;
+            }
+            self.st.server_fatal = false;
+            self.st.status = b'I';
+            return;
+        }
+        if self.cfg.pool_mode == PoolMode::Transaction && self.st.status == b'I' {
+            self.server = None;
+        }
+    }
+
+    /// The server died under a query. Outside a transaction the client gets 08006 for each
+    /// batch it waits on and carries on with a fresh server; inside one it is disconnected,
+    /// since running its later statements outside the lost transaction would break atomicity.
+    async fn server_lost(&mut self) -> bool {
+        if let Some(mut s) = self.server.take() {
+            s.broken = true;
+        }
+        self.shared.guard.record_failure();
+        let in_tx = self.st.status != b'I';
+        let clean = self.st.sscan.at_boundary() && self.st.s2c.is_empty();
+        let owed = self.st.abandon_server();
+        self.st.status = b'I';
+        self.st.s2c.clear();
+        if in_tx || !clean {
+            startup::send_fatal(
+                &mut self.client,
+                "08006",
+                "pgsluice: lost connection to upstream inside a transaction; the transaction was rolled back",
+            )
+            .await;
+            return false;
+        }
+        let mut b = BytesMut::with_capacity(256);
+        for _ in 0..owed.max(1) {
+            protocol::error_response(
+                &mut b,
+                Severity::Error,
+                "08006",
+                "pgsluice: lost connection to upstream",
+                None,
+            );
+            protocol::ready_for_query(&mut b, b'I');
+        }
+        if self.st.discarding {
+            // The unfinished batch gets its error now and its ReadyForQuery at its Sync.
+            protocol::error_response(
+                &mut b,
+                Severity::Error,
+                "08006",
+                "pgsluice: lost connection to upstream",
+                None,
+            );
+        }
+        self.client.write_all(&b).await.is_ok()
+    }
+
+    /// The client left (or broke the protocol) with a server attached: stop its work upstream
+    /// at once, then clean the connection for the next client or close it.
+    pub(super) async fn release_server(&mut self, cause: CancelCause, age: Option<Duration>) {
+        let Some(mut server) = self.server.take() else {
+            return;
+        };
+        let target = BackendTarget {
+            addr: server.addr,
+            pid: server.pid,
+            secret: server.secret,
+        };
+        // Bytes of a message already partly forwarded leave the server mid-message.
+        let clean =
+            self.st.c2s.is_empty() && self.st.cscan.at_boundary() && !self.st.terminate_split;
+        let busy = self.st.pending > 0 || self.st.open_batch || !clean;
+        if busy {
+            self.shared.count_cancel(&self.pool, cause.as_str());
+            info!(
+                identity = %self.identity,
+                cause = cause.as_str(),
+                age_ms = age.map(|a| a.as_millis() as u64),
+                "cancelling query of departed client"
+            );
+            if let Err(e) = send_cancel(target, self.cfg.cancel_grace).await {
+                warn!(error = %e, "could not deliver cancel");
+            }
+        }
+        if !clean {
+            server.broken = true;
+            return;
+        }
+        self.st.c2s.clear();
+        let session_mode = self.cfg.pool_mode == PoolMode::Session;
+        let st = &mut self.st;
+        let reset = async {
+            if st.open_batch {
+                let mut b = BytesMut::new();
+                b.extend_from_slice(&[b'S', 0, 0, 0, 4]);
+                server.stream.write_all(&b).await?;
+                st.pending += 1;
+                st.open_batch = false;
+            }
+            relay::drain_server(&mut server.stream, st).await?;
+            if st.status != b'I' {
+                relay::run_internal(&mut server.stream, st, "ROLLBACK").await?;
+            }
+            if session_mode {
+                relay::run_internal(&mut server.stream, st, "DISCARD ALL").await?;
+            }
+            Ok::<_, std::io::Error>(())
+        };
+        match tokio::time::timeout(self.cfg.cancel_grace, reset).await {
+            Ok(Ok(())) if !self.st.server_fatal && self.st.status == b'I' => {}
+            other => {
+                debug!(
+                    ?other,
+                    "server connection not reusable after client left; closing it"
+                );
+                server.broken = true;
+            }
+        }
+    }
+
+    pub(super) async fn idle_in_transaction_expired(&mut self) {
+        self.shared
+            .count_cancel(&self.pool, CancelCause::IdleInTransaction.as_str());
+        info!(identity = %self.identity, cause = "idle_in_transaction", "rolling back idle transaction");
+        startup::send_fatal(
+            &mut self.client,
+            "25P03",
+            "pgsluice: terminating connection due to idle-in-transaction timeout",
+        )
+        .await;
+        self.release_server(CancelCause::IdleInTransaction, None)
+            .await;
+    }
+
+    /// Last words: whatever server is still attached is cleaned and returned.
+    pub(super) async fn finish(&mut self) {
+        if self.server.is_some() {
+            self.release_server(CancelCause::ClientGone, None).await;
+        }
+        self.shared.cancels.unregister(self.entry.pid);
+    }
+}
+
+async fn sleep_until_opt(d: Option<tokio::time::Instant>) {
+    match d {
+        Some(d) => tokio::time::sleep_until(d).await,
+        None => std::future::pending().await,
+    }
+}

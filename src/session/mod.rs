@@ -1,0 +1,328 @@
+//! One client's life: startup, then the relay loop that admits each query through the
+//! guard, borrows a server connection for it, and returns the connection when the
+//! transaction ends (transaction mode) or when the client leaves (session mode).
+
+pub mod bufpool;
+mod flow;
+pub mod relay;
+pub mod startup;
+
+use crate::cancel::{BackendTarget, CancelEntry};
+use crate::config::{Config, PoolMode};
+use crate::guard::{AdmitRequest, Permit, Shed};
+use crate::pool::{PoolEntry, PoolError, ServerManager};
+use crate::protocol::{self, Severity};
+use crate::server::Shared;
+use bytes::BytesMut;
+use relay::{RelayEvent, RelayState};
+use startup::{Refusal, Startup, StartupInfo};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+use tracing::{debug, info, warn};
+
+type Server = bb8::PooledConnection<'static, ServerManager>;
+
+/// Runs a client connection to the end. Never panics on client input.
+pub async fn run(mut client: TcpStream, shared: Arc<Shared>) {
+    let cfg = shared.config();
+    let info = match tokio::time::timeout(
+        cfg.startup_timeout,
+        startup::read_startup(&mut client, &shared.cancels),
+    )
+    .await
+    {
+        Ok(Ok(Startup::Session(info))) => info,
+        Ok(Ok(Startup::Cancelled)) => return,
+        Ok(Err(Refusal(code, msg))) => {
+            debug!(code, %msg, "startup refused");
+            startup::send_fatal(&mut client, code, &msg).await;
+            return;
+        }
+        Err(_) => {
+            startup::send_fatal(&mut client, "08P01", "pgsluice: startup timed out").await;
+            return;
+        }
+    };
+    let users = shared.users();
+    let auth = tokio::time::timeout(
+        cfg.startup_timeout,
+        startup::authenticate(&mut client, cfg.auth, &info.user, &users),
+    )
+    .await;
+    match auth {
+        Ok(Ok(())) => {}
+        Ok(Err(Refusal(code, msg))) => {
+            info!(user = %info.user, code, "authentication failed");
+            startup::send_fatal(&mut client, code, &msg).await;
+            return;
+        }
+        Err(_) => {
+            startup::send_fatal(&mut client, "08P01", "pgsluice: authentication timed out").await;
+            return;
+        }
+    }
+    let pool = shared.pools.get_or_create(&info.database, &info.user);
+    let identity: Arc<str> = info
+        .application_name
+        .clone()
+        .unwrap_or_else(|| info.user.clone())
+        .into();
+    let entry = shared.cancels.register();
+    let mut s = Session {
+        client,
+        shared: shared.clone(),
+        cfg,
+        pool,
+        identity,
+        client_id: shared.next_client_id(),
+        entry,
+        server: None,
+        st: RelayState::new(),
+        last_admitted: None,
+        info,
+    };
+    if let Err(Refusal(code, msg)) = s.greet().await {
+        startup::send_fatal(&mut s.client, code, &msg).await;
+    } else {
+        s.serve().await;
+    }
+    s.finish().await;
+}
+
+struct Session {
+    client: TcpStream,
+    shared: Arc<Shared>,
+    cfg: Arc<Config>,
+    pool: Arc<PoolEntry>,
+    identity: Arc<str>,
+    client_id: u64,
+    entry: Arc<CancelEntry>,
+    server: Option<Server>,
+    st: RelayState,
+    last_admitted: Option<Instant>,
+    info: StartupInfo,
+}
+
+/// How a query's admission ended.
+enum Admission {
+    Admitted(Permit),
+    Refused,
+    ClientGone,
+}
+
+impl Session {
+    /// Sends AuthenticationOk, the server's parameters, our BackendKeyData and ReadyForQuery.
+    async fn greet(&mut self) -> Result<(), Refusal> {
+        let mut params = self.pool.server_params();
+        if params.is_empty() || self.cfg.pool_mode == PoolMode::Session {
+            // First client of this pool (or session mode): log in upstream now, so a bad
+            // database or user is reported at connect time as PostgreSQL would.
+            let server = self
+                .pool
+                .get(self.cfg.connect_timeout)
+                .await
+                .map_err(pool_refusal)?;
+            params = self.pool.server_params();
+            if self.cfg.pool_mode == PoolMode::Session {
+                self.server = Some(server);
+            }
+        }
+        let mut b = BytesMut::with_capacity(512);
+        protocol::auth_ok(&mut b);
+        for (k, v) in &params {
+            let v = match k.as_str() {
+                "application_name" => self.info.application_name.as_deref().unwrap_or(""),
+                _ => v.as_str(),
+            };
+            protocol::parameter_status(&mut b, k, v);
+        }
+        protocol::backend_key_data(
+            &mut b,
+            self.entry.pid,
+            crate::cancel::CancelRegistry::secret_of(&self.entry),
+        );
+        protocol::ready_for_query(&mut b, b'I');
+        self.client
+            .write_all(&b)
+            .await
+            .map_err(|e| Refusal("08006", e.to_string()))?;
+        Ok(())
+    }
+
+    fn refresh_config(&mut self) {
+        if self.shared.config_generation() != self.cfg_generation() {
+            self.cfg = self.shared.config();
+        }
+    }
+
+    fn cfg_generation(&self) -> u64 {
+        self.cfg.generation
+    }
+
+    /// The relay loop; returns when the client is gone or the proxy shuts down.
+    async fn serve(&mut self) {
+        loop {
+            if self.st.discard_done {
+                // A refused batch has fully arrived: close it with ReadyForQuery.
+                self.st.discard_done = false;
+                if self.ready(None).await.is_err() {
+                    return;
+                }
+            }
+            // Wait for the client's next message with nothing in flight.
+            if !self.st.has_client_work() {
+                if self.st.terminated || self.st.client_eof {
+                    return;
+                }
+                self.st.release_buffers();
+                if !self.wait_client().await {
+                    return;
+                }
+                continue;
+            }
+            self.refresh_config();
+            let started = Instant::now();
+            let permit = match self.admit().await {
+                Admission::Admitted(p) => p,
+                Admission::Refused => continue,
+                Admission::ClientGone => return,
+            };
+            self.last_admitted = Some(Instant::now());
+            if self.server.is_none() {
+                let wait = self
+                    .cfg
+                    .queue_timeout
+                    .saturating_sub(started.elapsed())
+                    .max(Duration::from_millis(100));
+                match self.pool.get(wait).await {
+                    Ok(s) => self.server = Some(s),
+                    Err(e) => {
+                        let (code, msg) = match &e {
+                            PoolError::Exhausted => (
+                                "53400",
+                                "pgsluice: database busy: no server connection free in time"
+                                    .to_string(),
+                            ),
+                            _ => match e.server_error() {
+                                Some((_, m)) => (
+                                    "08006",
+                                    format!("pgsluice: upstream refused the login: {m}"),
+                                ),
+                                None => ("08006", format!("pgsluice: upstream unavailable: {e}")),
+                            },
+                        };
+                        warn!(identity = %self.identity, error = %e, "no server connection");
+                        drop(permit);
+                        self.shared.count_query(
+                            &self.pool,
+                            if code == "53400" {
+                                "shed"
+                            } else {
+                                "upstream_lost"
+                            },
+                        );
+                        if self.refuse_batch(code, &msg, None).await.is_err() {
+                            return;
+                        }
+                        continue;
+                    }
+                }
+            }
+            if !self.run_query(permit).await {
+                return;
+            }
+        }
+    }
+
+    /// Waits for client bytes while idle. False when the client is gone.
+    async fn wait_client(&mut self) -> bool {
+        let idle_tx = self
+            .cfg
+            .idle_in_transaction_timeout
+            .filter(|_| self.st.status != b'I' && self.server.is_some());
+        let mut shutdown = self.shared.shutdown_rx();
+        let in_tx = self.st.status != b'I';
+        loop {
+            let readable = self.client.readable();
+            let res = tokio::select! {
+                r = readable => r,
+                _ = sleep_opt(idle_tx) => {
+                    self.idle_in_transaction_expired().await;
+                    return false;
+                }
+                _ = async { let _ = shutdown.wait_for(|v| *v).await; }, if !in_tx => {
+                    startup::send_fatal(&mut self.client, "57P01", "pgsluice: terminating connection because the proxy is shutting down").await;
+                    return false;
+                }
+            };
+            if res.is_err() {
+                self.st.client_eof = true;
+                return false;
+            }
+            match self.read_client_nonblocking() {
+                Ok(true) => return !self.st.client_eof,
+                Ok(false) => continue,
+                Err(msg) => {
+                    startup::send_fatal(&mut self.client, "08P01", &msg).await;
+                    return false;
+                }
+            }
+        }
+    }
+
+    /// Reads what the client has sent without blocking. Ok(false) when nothing was there.
+    fn read_client_nonblocking(&mut self) -> Result<bool, String> {
+        if !self.st.c2s.has_spare() {
+            return Ok(true);
+        }
+        let from = self.st.c2s.end;
+        match self.client.try_read(self.st.c2s.spare()) {
+            Ok(0) => {
+                self.st.client_eof = true;
+                Ok(true)
+            }
+            Ok(n) => {
+                self.st.c2s.end += n;
+                if let Err(e) = self.st.scan_client(from) {
+                    debug!(error = %e, "client protocol violation");
+                    return Err(format!("pgsluice: invalid message from client: {e}"));
+                }
+                Ok(true)
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => Ok(false),
+            Err(_) => {
+                self.st.client_eof = true;
+                Ok(true)
+            }
+        }
+    }
+}
+
+async fn sleep_opt(d: Option<Duration>) {
+    match d {
+        Some(d) => tokio::time::sleep(d).await,
+        None => std::future::pending().await,
+    }
+}
+
+fn pool_refusal(e: PoolError) -> Refusal {
+    match e.server_error() {
+        Some((code, msg)) => Refusal(static_code(code), msg.to_string()),
+        None => Refusal("08006", format!("pgsluice: upstream unavailable: {e}")),
+    }
+}
+
+/// Maps an upstream SQLSTATE to a static string for the FATAL we send.
+fn static_code(code: &str) -> &'static str {
+    match code {
+        "28P01" => "28P01",
+        "28000" => "28000",
+        "3D000" => "3D000",
+        "53300" => "53300",
+        "57P03" => "57P03",
+        _ => "08006",
+    }
+}
