@@ -73,7 +73,7 @@ mkdir -p "$OUT_DIR"
 STAMP=$(date -u +%Y%m%dT%H%M%SZ)
 RAW="$OUT_DIR/compare-$STAMP.tsv"
 TABLE="$OUT_DIR/compare-$STAMP.md"
-printf 'target\tmode\tclients\trep\ttps\tlat_avg_ms\tp99_ms\tproxy_cpu_s\ttxns\tfailed\n' >"$RAW"
+printf 'target\tmode\tclients\trep\ttps\tlat_avg_ms\tp99_ms\tproxy_cpu_s\ttxns\tfailed\taborted\n' >"$RAW"
 
 # One pgbench run; appends a raw row.
 run_one() {
@@ -87,7 +87,12 @@ run_one() {
         tail -5 "$out" >&2
     fi
     [[ -n $pid ]] && cpu1=$(proc_cpu_seconds "$pid")
-    local tps lat txns p99 cpu failed
+    local tps lat txns p99 cpu failed aborted=0
+    # pgbench prints partial figures for a run whose clients aborted; keep them but flag it.
+    if grep -q 'Run was aborted' "$out"; then
+        aborted=1
+        log "aborted run: $target -M $mode -c $clients: $(grep -m1 'error:' "$out" || true)"
+    fi
     tps=$(awk '/^tps = / { print $3; exit }' "$out")
     lat=$(awk '/^latency average = / { print $4; exit }' "$out")
     txns=$(awk '/number of transactions actually processed:/ { print $NF; exit }' "$out")
@@ -100,8 +105,8 @@ run_one() {
     else
         cpu=""
     fi
-    printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$target" "$mode" "$clients" "$rep" \
-        "${tps:-0}" "${lat:-}" "${p99:-}" "$cpu" "${txns:-0}" "${failed:-0}" >>"$RAW"
+    printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$target" "$mode" "$clients" "$rep" \
+        "${tps:-0}" "${lat:-}" "${p99:-}" "$cpu" "${txns:-0}" "${failed:-0}" "$aborted" >>"$RAW"
     log "$target -M $mode -c $clients rep $rep: tps=${tps:-0} lat=${lat:-?}ms p99=${p99:-?}ms cpu=${cpu:--}s"
 }
 
@@ -131,8 +136,8 @@ done
     echo "pgbench -S -j 2 -T $DUR, scale $SCALE, pool $POOL (transaction mode), $REPS rep(s), median per cell."
     echo "Host: $(nproc) cores, $(awk '/MemTotal/ { printf "%.0f GiB", $2 / 1048576 }' /proc/meminfo), kernel $(uname -r)."
     echo
-    echo "| target | mode | clients | TPS (median) | mean latency ms | p99 latency ms | proxy CPU s / 100k tx | failed tx |"
-    echo "|---|---|---:|---:|---:|---:|---:|---:|"
+    echo "| target | mode | clients | TPS (median) | mean latency ms | p99 latency ms | proxy CPU s / 100k tx | failed tx | aborted runs |"
+    echo "|---|---|---:|---:|---:|---:|---:|---:|---:|"
     tail -n +2 "$RAW" | awk -F'\t' '
         function median(s,   a, n, i, j, t) {
             n = split(s, a, " ")
@@ -145,16 +150,17 @@ done
             if (!(k in seen)) { seen[k] = 1; order[++nk] = k }
             tps[k] = tps[k] " " $5; lat[k] = lat[k] " " $6; p99[k] = p99[k] " " $7
             if ($8 != "" && $9 > 0) cpu[k] = cpu[k] " " ($8 / ($9 / 100000))
-            fail[k] += $10
+            fail[k] += $10; abort[k] += $11
         }
         END {
             for (i = 1; i <= nk; i++) {
                 k = order[i]; split(k, f, SUBSEP)
                 c = (k in cpu) ? sprintf("%.2f", median(cpu[k])) : "-"
-                printf "| %s | %s | %s | %.0f | %.3f | %.3f | %s | %d |\n", f[1], f[2], f[3], median(tps[k]), median(lat[k]), median(p99[k]), c, fail[k]
+                printf "| %s | %s | %s | %.0f | %.3f | %.3f | %s | %d | %d |\n", f[1], f[2], f[3], median(tps[k]), median(lat[k]), median(p99[k]), c, fail[k], abort[k]
             }
         }' | sort -t'|' -k3,3 -k4,4n -k2,2
     echo
+    echo "An aborted run is one where pgbench clients hit an error and stopped; its figures cover only the part before."
     echo "Raw rows: $(basename "$RAW")"
 } >"$TABLE"
 

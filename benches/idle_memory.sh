@@ -50,7 +50,7 @@ for proxy in $PROXIES; do
         port=$(free_port)
         case $proxy in
             pgbouncer) start_pgbouncer "$port" "$PGPORT" "$POOL" $((n + 1000)) && pid=$PGBOUNCER_PID ;;
-            pgsluice) start_pgsluice "$port" "$PGPORT" "$POOL" "${PGSLUICE_EXTRA[@]}" && pid=$PGSLUICE_PID ;;
+            pgsluice) start_pgsluice "$port" "$PGPORT" "$POOL" --max-client-conn $((n + 1000)) "${PGSLUICE_EXTRA[@]}" && pid=$PGSLUICE_PID ;;
             *) die "unknown proxy $proxy" ;;
         esac
         sleep 1
