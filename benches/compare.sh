@@ -14,6 +14,7 @@
 #   QUICK=1        smoke run: DUR=1 REPS=1 CLIENTS=8 MODES=simple SCALE=1
 #   SKIP_BUILD=1   use the existing target/release/pgsluice
 #   OUT_DIR=bench-results
+#   STRICT=1       exit non-zero when any pgbench run failed, aborted or completed nothing
 # The open-files limit is raised to the hard limit: 128 clients need 128 descriptors in
 # pgbench and in each proxy, plus the proxies' server side.
 set -euo pipefail
@@ -166,3 +167,7 @@ done
 
 cat "$TABLE"
 log "wrote $TABLE ($runs runs)"
+if [[ ${STRICT:-0} == 1 ]]; then
+    bad=$(tail -n +2 "$RAW" | awk -F'\t' '$9 == 0 || $10 > 0 || $11 > 0' | wc -l)
+    [[ $bad == 0 ]] || die "$bad run(s) failed, aborted or completed no transaction"
+fi

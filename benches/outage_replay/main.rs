@@ -326,6 +326,14 @@ async fn main() -> Result<()> {
         all_rows.extend(rows);
     }
     let svg = args.out_dir.join("goodput.svg");
+    if args.quick {
+        // The smoke run must show that every target served at least one full request.
+        for (name, _) in &args.targets {
+            if !all_rows.iter().any(|r| &r.target == name && r.success > 0) {
+                bail!("target {name} completed no request");
+            }
+        }
+    }
     report::plot(&svg, &all_rows, sat)?;
     let md = format!(
         "saturation {sat:.1} req/s direct; {} queries/request of ~{} rows; vus {}; deadline {:?}; step {:?}\n\n{}",
