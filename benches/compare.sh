@@ -13,6 +13,7 @@
 #   PREPARED=1     also run -M prepared against pgsluice (PgBouncer 1.18 cannot pool it)
 #   QUICK=1        smoke run: DUR=1 REPS=1 CLIENTS=8 MODES=simple SCALE=1
 #   SKIP_BUILD=1   use the existing target/release/pgsluice
+#   PGSLUICE_ARGS="..."  extra pgsluice flags (e.g. "--max-queue 5000 --queue-timeout 30s")
 #   OUT_DIR=bench-results
 #   STRICT=1       exit non-zero when any pgbench run failed, aborted or completed nothing
 # The open-files limit is raised to the hard limit: 128 clients need 128 descriptors in
@@ -66,7 +67,8 @@ if [[ " $TARGETS " == *" pgbouncer "* ]]; then
 fi
 if [[ " $TARGETS " == *" pgsluice "* ]]; then
     PORT[pgsluice]=$(free_port)
-    start_pgsluice "${PORT[pgsluice]}" "$PGPORT" "$POOL"
+    read -r -a PGSLUICE_EXTRA <<<"${PGSLUICE_ARGS:-}"
+    start_pgsluice "${PORT[pgsluice]}" "$PGPORT" "$POOL" "${PGSLUICE_EXTRA[@]}"
     PID[pgsluice]=$PGSLUICE_PID
 fi
 
@@ -74,7 +76,7 @@ mkdir -p "$OUT_DIR"
 STAMP=$(date -u +%Y%m%dT%H%M%SZ)
 RAW="$OUT_DIR/compare-$STAMP.tsv"
 TABLE="$OUT_DIR/compare-$STAMP.md"
-printf 'target\tmode\tclients\trep\ttps\tlat_avg_ms\tp99_ms\tproxy_cpu_s\ttxns\tfailed\taborted\n' >"$RAW"
+printf 'target\tmode\tclients\trep\ttps\tlat_avg_ms\tp99_ms\tproxy_cpu_s\ttxns\tfailed\taborted\tclients_aborted\n' >"$RAW"
 
 # One pgbench run; appends a raw row.
 run_one() {
@@ -88,6 +90,8 @@ run_one() {
         tail -5 "$out" >&2
     fi
     [[ -n $pid ]] && cpu1=$(proc_cpu_seconds "$pid")
+    local gone
+    gone=$(grep -cE 'client [0-9]+ script [0-9]+ aborted' "$out" || true)
     local tps lat txns p99 cpu failed aborted=0
     # pgbench prints partial figures for a run whose clients aborted; keep them but flag it.
     if grep -q 'Run was aborted' "$out"; then
@@ -106,8 +110,8 @@ run_one() {
     else
         cpu=""
     fi
-    printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$target" "$mode" "$clients" "$rep" \
-        "${tps:-0}" "${lat:-}" "${p99:-}" "$cpu" "${txns:-0}" "${failed:-0}" "$aborted" >>"$RAW"
+    printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$target" "$mode" "$clients" "$rep" \
+        "${tps:-0}" "${lat:-}" "${p99:-}" "$cpu" "${txns:-0}" "${failed:-0}" "$aborted" "${gone:-0}" >>"$RAW"
     log "$target -M $mode -c $clients rep $rep: tps=${tps:-0} lat=${lat:-?}ms p99=${p99:-?}ms cpu=${cpu:--}s"
 }
 
@@ -129,42 +133,7 @@ for rep in $(seq 1 "$REPS"); do
     fi
 done
 
-# Medians per (target, mode, clients); CPU per 100k transactions from the median-TPS rep's
-# own CPU and transaction count ratio, computed per rep then medianed.
-{
-    echo "# pgbench -S comparison ($STAMP)"
-    echo
-    echo "pgbench -S -j 2 -T $DUR, scale $SCALE, pool $POOL (transaction mode), $REPS rep(s), median per cell."
-    echo "Host: $(nproc) cores, $(awk '/MemTotal/ { printf "%.0f GiB", $2 / 1048576 }' /proc/meminfo), kernel $(uname -r)."
-    echo
-    echo "| target | mode | clients | TPS (median) | mean latency ms | p99 latency ms | proxy CPU s / 100k tx | failed tx | aborted runs |"
-    echo "|---|---|---:|---:|---:|---:|---:|---:|---:|"
-    tail -n +2 "$RAW" | awk -F'\t' '
-        function median(s,   a, n, i, j, t) {
-            n = split(s, a, " ")
-            for (i = 2; i <= n; i++) { t = a[i]; j = i - 1; while (j > 0 && a[j] + 0 > t + 0) { a[j + 1] = a[j]; j-- } a[j + 1] = t }
-            if (n == 0) return ""
-            return (n % 2) ? a[(n + 1) / 2] : (a[n / 2] + a[n / 2 + 1]) / 2
-        }
-        {
-            k = $1 SUBSEP $2 SUBSEP $3
-            if (!(k in seen)) { seen[k] = 1; order[++nk] = k }
-            tps[k] = tps[k] " " $5; lat[k] = lat[k] " " $6; p99[k] = p99[k] " " $7
-            if ($8 != "" && $9 > 0) cpu[k] = cpu[k] " " ($8 / ($9 / 100000))
-            fail[k] += $10; abort[k] += $11
-        }
-        END {
-            for (i = 1; i <= nk; i++) {
-                k = order[i]; split(k, f, SUBSEP)
-                c = (k in cpu) ? sprintf("%.2f", median(cpu[k])) : "-"
-                printf "| %s | %s | %s | %.0f | %.3f | %.3f | %s | %d | %d |\n", f[1], f[2], f[3], median(tps[k]), median(lat[k]), median(p99[k]), c, fail[k], abort[k]
-            }
-        }' | sort -t'|' -k3,3 -k4,4n -k2,2
-    echo
-    echo "An aborted run is one where pgbench clients hit an error and stopped; its figures cover only the part before."
-    echo "Raw rows: $(basename "$RAW")"
-} >"$TABLE"
-
+bash "$BENCH_DIR/compare_report.sh" "$RAW" "$DUR" "$SCALE" "$POOL" "$REPS" >"$TABLE"
 cat "$TABLE"
 log "wrote $TABLE ($runs runs)"
 if [[ ${STRICT:-0} == 1 ]]; then
