@@ -24,14 +24,14 @@ tail -n +2 "$RAW" | awk -F'\t' '
         if (!(k in seen)) { seen[k] = 1; order[++nk] = k }
         tps[k] = tps[k] " " $5; lat[k] = lat[k] " " $6; p99[k] = p99[k] " " $7
         if ($8 != "" && $9 > 0) cpu[k] = cpu[k] " " ($8 / ($9 / 100000))
-        fail[k] += $10; abort[k] += $11; if ($12 + 0 > gone[k]) gone[k] = $12 + 0
+        fail[k] += $10; abort[k] += $11; if (NF < 12) nogone[k] = 1; else if ($12 + 0 > gone[k]) gone[k] = $12 + 0
     }
     END {
         for (i = 1; i <= nk; i++) {
             k = order[i]; split(k, f, SUBSEP)
             c = (k in cpu) ? sprintf("%.2f", median(cpu[k])) : "-"
-            g = (k in gone) ? gone[k] : 0
-            printf "| %s | %s | %s | %.0f | %.3f | %.3f | %s | %d | %d | %d |\n", f[1], f[2], f[3], median(tps[k]), median(lat[k]), median(p99[k]), c, fail[k], abort[k], g
+            g = (abort[k] == 0) ? 0 : ((k in nogone) ? "?" : gone[k] + 0)
+            printf "| %s | %s | %s | %.0f | %.3f | %.3f | %s | %d | %d | %s |\n", f[1], f[2], f[3], median(tps[k]), median(lat[k]), median(p99[k]), c, fail[k], abort[k], g
         }
     }' | sort -t'|' -k3,3 -k4,4n -k2,2
 echo

@@ -22,7 +22,11 @@ for tool in initdb pg_ctl pgbench psql setpriv ss; do
     command -v "$tool" >/dev/null || die "missing $tool"
 done
 
-export OUT_DIR=${OUT_DIR:-$(mktemp -d /tmp/pgsluice-smoke.XXXXXX)}
+if [[ -z ${OUT_DIR:-} ]]; then
+    OUT_DIR=$(mktemp -d /tmp/pgsluice-smoke.XXXXXX)
+    trap 'rm -rf "$OUT_DIR"' EXIT
+fi
+export OUT_DIR
 log "results in $OUT_DIR"
 
 cd "$REPO_DIR"

@@ -115,7 +115,7 @@ pub fn plot(path: &Path, rows: &[Row], saturation_rps: f64) -> anyhow::Result<()
         .x_desc("offered load (requests/s)")
         .y_desc("goodput (requests/s completed within deadline)")
         .draw()?;
-    let palette = [RED, BLUE, GREEN, MAGENTA, CYAN, BLACK];
+    let palette = [RED, BLUE, RGBColor(0, 140, 0), MAGENTA, CYAN, BLACK];
     for (i, t) in targets.iter().enumerate() {
         let color = palette[i % palette.len()];
         let pts: Vec<(f64, f64)> = rows
