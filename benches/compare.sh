@@ -90,6 +90,9 @@ run_one() {
         tail -5 "$out" >&2
     fi
     [[ -n $pid ]] && cpu1=$(proc_cpu_seconds "$pid")
+    if [[ -n $pid ]] && ! kill -0 "$pid" 2>/dev/null; then
+        die "$target (pid $pid) exited during the run"
+    fi
     local gone
     gone=$(grep -cE 'client [0-9]+ script [0-9]+ aborted' "$out" || true)
     local tps lat txns p99 cpu failed aborted=0

@@ -55,3 +55,7 @@ for t in $TARGETS; do
 done
 mkdir -p "$OUT_DIR"
 "$REPLAY" "${ARGS[@]}" "$@"
+# A proxy that died mid-run shows up only as connect errors; say so plainly.
+for pid in "${BENCH_PIDS[@]}"; do
+    kill -0 "$pid" 2>/dev/null || die "proxy process $pid exited during the run; results for it are void"
+done

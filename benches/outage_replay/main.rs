@@ -72,6 +72,10 @@ struct Args {
     /// Seconds-long smoke run: short calibration, one 2 s step at 1x.
     #[arg(long)]
     quick: bool,
+    /// Redraw goodput.svg in --out-dir from these outage CSV files (no load is run); needs
+    /// --saturation-rps for the caption.
+    #[arg(long, num_args = 1..)]
+    replot: Vec<PathBuf>,
     /// Passed by `cargo bench`; ignored.
     #[arg(long, hide = true)]
     bench: bool,
@@ -231,6 +235,19 @@ async fn settle(monitor: &str) {
 #[tokio::main]
 async fn main() -> Result<()> {
     let mut args = Args::parse();
+    if !args.replot.is_empty() {
+        let sat = args
+            .saturation_rps
+            .context("--replot needs --saturation-rps")?;
+        let mut rows = Vec::new();
+        for f in &args.replot {
+            rows.extend(report::read_csv(f)?);
+        }
+        let svg = args.out_dir.join("goodput.svg");
+        report::plot(&svg, &rows, sat)?;
+        println!("{}\nwrote {}", report::markdown(&rows), svg.display());
+        return Ok(());
+    }
     if args.targets.is_empty() {
         println!("outage_replay: no --target given; nothing to do (see benches/README.md)");
         return Ok(());

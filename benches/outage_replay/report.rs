@@ -60,6 +60,42 @@ pub fn write_csv(path: &Path, rows: &[Row]) -> std::io::Result<()> {
     std::fs::write(path, s)
 }
 
+/// Reads rows back from a file written by [`write_csv`].
+pub fn read_csv(path: &Path) -> anyhow::Result<Vec<Row>> {
+    use anyhow::Context;
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let mut rows = Vec::new();
+    for (n, line) in text.lines().enumerate().skip(1) {
+        let f: Vec<&str> = line.split(',').collect();
+        if f.len() != 14 {
+            anyhow::bail!("{}:{}: expected 14 fields", path.display(), n + 1);
+        }
+        let num = |i: usize| -> anyhow::Result<f64> {
+            f[i].parse::<f64>()
+                .with_context(|| format!("{}:{}: field {}", path.display(), n + 1, i + 1))
+        };
+        let ms = |i: usize| f[i].parse::<f64>().ok();
+        rows.push(Row {
+            target: f[0].to_string(),
+            multiplier: num(1)?,
+            offered_rps: num(2)?,
+            arrivals: num(3)? as u64,
+            goodput_rps: num(4)?,
+            success: num(5)? as u64,
+            failed: num(6)? as u64,
+            retries: num(7)? as u64,
+            overflow: num(8)? as u64,
+            p50_ms: ms(9),
+            p99_ms: ms(10),
+            active_mean: num(11)?,
+            active_max: num(12)? as i64,
+            errors: f[13].to_string(),
+        });
+    }
+    Ok(rows)
+}
+
 pub fn markdown(rows: &[Row]) -> String {
     let mut s = String::from(
         "| target | load | offered rps | goodput rps | ok | failed | retried | p50 ms | p99 ms | active backends mean/max | errors (per attempt) |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|\n",
