@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# Builds every benchmark tool and runs each once in a seconds-long mode. Exits non-zero on any
+# failure; exits 0 with a SKIP line only when PgBouncer is missing and cannot be installed.
+#
+# Usage (as root, from anywhere): benches/smoke.sh
+set -euo pipefail
+
+# shellcheck source=benches/lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+
+[[ $(id -u) == 0 ]] || die "run as root (servers are started as the postgres user)"
+
+if ! command -v pgbouncer >/dev/null; then
+    log "pgbouncer missing; trying apt-get install"
+    if ! { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq pgbouncer; } >/dev/null 2>&1 ||
+        ! command -v pgbouncer >/dev/null; then
+        echo "SKIP: benchmark smoke needs pgbouncer, which is not installable here"
+        exit 0
+    fi
+fi
+for tool in initdb pg_ctl pgbench psql setpriv ss; do
+    command -v "$tool" >/dev/null || die "missing $tool"
+done
+
+if [[ -z ${OUT_DIR:-} ]]; then
+    OUT_DIR=$(mktemp -d /tmp/pgsluice-smoke.XXXXXX)
+    trap 'rm -rf "$OUT_DIR"' EXIT
+fi
+export OUT_DIR
+log "results in $OUT_DIR"
+
+cd "$REPO_DIR"
+log "build: pgsluice and bench targets"
+cargo build --release --bin pgsluice -q
+cargo bench --no-run -q --bench frame_scan --bench idle_clients --bench outage_replay 2>/dev/null ||
+    cargo bench --no-run --bench frame_scan --bench idle_clients --bench outage_replay
+
+log "frame_scan (one pass per benchmark)"
+cargo bench -q --bench frame_scan -- --test
+
+log "compare.sh QUICK=1"
+QUICK=1 STRICT=1 SKIP_BUILD=1 bash "$BENCH_DIR/compare.sh"
+
+log "outage replay --quick"
+SKIP_BUILD=1 SCALE=1 bash "$BENCH_DIR/outage.sh" --quick --vus 20 --calib-concurrency 2
+
+log "idle clients (50)"
+SKIP_BUILD=1 COUNTS=50 bash "$BENCH_DIR/idle_memory.sh"
+
+echo "benchmark smoke: passed"
