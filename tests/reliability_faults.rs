@@ -288,7 +288,7 @@ async fn cut_mid_transaction_loses_nothing_committed() {
     c.batch_execute("BEGIN; INSERT INTO t VALUES (1)")
         .await
         .unwrap();
-    shim.cut_all();
+    shim.cut_all_wait().await;
     let err = tokio::time::timeout(Duration::from_secs(5), c.batch_execute("COMMIT"))
         .await
         .expect("COMMIT hung after the cut")

@@ -99,6 +99,16 @@ impl FaultShim {
         self.cut.send_modify(|g| *g += 1);
     }
 
+    /// Cuts every current connection and waits (up to 2 s) until they are all gone, so
+    /// nothing sent afterwards can still slip through.
+    pub async fn cut_all_wait(&self) {
+        self.cut_all();
+        let start = std::time::Instant::now();
+        while self.connections() > 0 && start.elapsed() < std::time::Duration::from_secs(2) {
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+    }
+
     /// Connections currently open through the shim.
     pub fn connections(&self) -> usize {
         self.open.load(Ordering::SeqCst)
