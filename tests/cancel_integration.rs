@@ -10,20 +10,10 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::{connect, TempPostgres, TestProxy};
+use common::{cluster, connect, TestProxy};
 use raw::{error_code, RawClient};
 use tokio_postgres::error::SqlState;
 use tokio_postgres::NoTls;
-
-async fn cluster() -> TempPostgres {
-    tokio::task::spawn_blocking(TempPostgres::new)
-        .await
-        .expect("start cluster")
-}
-
-fn app_url(proxy: &TestProxy, app: &str) -> String {
-    format!("{}&application_name={app}", proxy.url())
-}
 
 /// Backends currently running a statement whose text contains `marker`, other than the
 /// asking session.
@@ -201,7 +191,7 @@ async fn stale_cancels_never_hit_other_clients() {
     let b_shed = Arc::new(AtomicU64::new(0));
     let mut workers = Vec::new();
     for w in 0..20 {
-        let c = connect(&app_url(&proxy, "workers")).await;
+        let c = connect(&proxy.url_with_app("workers")).await;
         let (stop, ok, cancelled, other, shed) = (
             stop.clone(),
             b_ok.clone(),
@@ -243,7 +233,7 @@ async fn stale_cancels_never_hit_other_clients() {
     let target_cancelled = Arc::new(AtomicU64::new(0));
     let mut targets = Vec::new();
     for _ in 0..4 {
-        let c = connect(&app_url(&proxy, "targets")).await;
+        let c = connect(&proxy.url_with_app("targets")).await;
         let token = c.cancel_token();
         let (stop, sent, hit) = (stop.clone(), cancels_sent.clone(), target_cancelled.clone());
         targets.push(tokio::spawn(async move {
@@ -343,7 +333,7 @@ async fn cancel_of_queued_query_answers_at_once() {
     .await;
     let direct = pg.client().await;
     let x = Arc::new(proxy.client().await);
-    let y = Arc::new(connect(&app_url(&proxy, "y")).await);
+    let y = Arc::new(connect(&proxy.url_with_app("y")).await);
     let x_run = {
         let x = x.clone();
         tokio::spawn(async move { x.simple_query("SELECT pg_sleep(2) /* x-holds */").await })

@@ -10,19 +10,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::{try_connect, TempPostgres, TestProxy};
+use common::{cluster, try_connect, TempPostgres, TestProxy};
 use load::{join_all, spawn_loopers, Tally};
 use tokio_postgres::error::SqlState;
-
-async fn cluster() -> TempPostgres {
-    tokio::task::spawn_blocking(TempPostgres::new)
-        .await
-        .expect("start cluster")
-}
-
-fn app_url(proxy: &TestProxy, app: &str) -> String {
-    format!("{}&application_name={app}", proxy.url())
-}
 
 /// Running pg_sleep statements, other than the asking session.
 async fn active_sleeps(direct: &tokio_postgres::Client) -> i64 {

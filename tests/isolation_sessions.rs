@@ -8,15 +8,9 @@ mod common;
 
 use std::time::Duration;
 
-use common::{connect, TempPostgres, TestProxy};
+use common::{cluster, connect, TestProxy};
 use futures::SinkExt;
 use tokio_postgres::{Client, SimpleQueryMessage};
-
-async fn cluster() -> TempPostgres {
-    tokio::task::spawn_blocking(TempPostgres::new)
-        .await
-        .unwrap()
-}
 
 async fn pid(c: &Client) -> i32 {
     c.query_one("SELECT pg_backend_pid()", &[])

@@ -8,19 +8,13 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::{connect, try_connect, FaultShim, Mode, TempPostgres, TestProxy};
+use common::{cluster, connect, try_connect, FaultShim, Mode, TestProxy};
 use futures::SinkExt;
 use tokio_postgres::Client;
 
 /// `cargo test` runs these in one process; the fd count in the flapping test is process-wide,
 /// so the tests here take turns (nextest runs each in its own process anyway).
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
-
-async fn cluster() -> TempPostgres {
-    tokio::task::spawn_blocking(TempPostgres::new)
-        .await
-        .unwrap()
-}
 
 fn shim_url(shim: &FaultShim) -> String {
     format!("postgres://postgres@{}/postgres", shim.addr())

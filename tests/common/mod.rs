@@ -25,3 +25,10 @@ pub fn raise_fd_limit() {
         }
     }
 }
+
+/// Starts a throwaway cluster from async code (initdb and pg_ctl block).
+pub async fn cluster() -> TempPostgres {
+    tokio::task::spawn_blocking(TempPostgres::new)
+        .await
+        .expect("start cluster")
+}

@@ -67,6 +67,11 @@ impl TestProxy {
         self.url_for("postgres", "postgres")
     }
 
+    /// The proxy URL with an `application_name` (the client identity the guard sees).
+    pub fn url_with_app(&self, app: &str) -> String {
+        format!("{}&application_name={app}", self.url())
+    }
+
     pub fn url_for(&self, user: &str, db: &str) -> String {
         format!("postgres://{user}@{}/{db}?connect_timeout=10", self.addr)
     }

@@ -150,10 +150,20 @@ impl Ctx {
         cut.mark_unchanged();
 
         if *self.mode.borrow() == Mode::Blackhole {
-            // Hold the client socket without reading until it is cut or the shim stops.
-            let _ = cut.changed().await;
-            reset(&client);
-            return;
+            // Answer nothing until cut; bytes sent are swallowed, and a client that gives up
+            // and closes takes the socket with it (so the shim holds no stale descriptors).
+            let mut sink = [0u8; 1024];
+            let mut client = client;
+            loop {
+                tokio::select! {
+                    _ = cut.changed() => { reset(&client); return; }
+                    r = tokio::io::AsyncReadExt::read(&mut client, &mut sink) => {
+                        if !matches!(r, Ok(n) if n > 0) {
+                            return;
+                        }
+                    }
+                }
+            }
         }
         let mut server = tokio::select! {
             res = TcpStream::connect(self.upstream) => match res {

@@ -6,7 +6,6 @@ use std::time::{Duration, Instant};
 
 use tokio_postgres::error::SqlState;
 
-use super::app_url;
 use super::common::{connect, TestProxy};
 
 #[derive(Default)]
@@ -66,7 +65,7 @@ pub async fn spawn_loopers(
 ) -> Vec<tokio::task::JoinHandle<Vec<Duration>>> {
     let mut tasks = Vec::new();
     for _ in 0..n {
-        let c = connect(&app_url(proxy, app)).await;
+        let c = connect(&proxy.url_with_app(app)).await;
         let (stop, tally) = (stop.clone(), tally.clone());
         tasks.push(tokio::spawn(async move {
             let mut lat = Vec::new();
