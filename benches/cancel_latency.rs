@@ -312,17 +312,3 @@ async fn main() -> Result<()> {
     }
     Ok(())
 }
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn capped_sort_last_in_percentiles() {
-        let mut s = vec![None, Some(3.0), Some(1.0), Some(2.0)];
-        sort_samples(&mut s);
-        assert_eq!(percentile(&s, 50.0), Some(Some(2.0)));
-        assert_eq!(percentile(&s, 100.0), Some(None));
-        assert_eq!(percentile(&[], 50.0), None);
-    }
-}
