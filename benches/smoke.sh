@@ -32,8 +32,8 @@ log "results in $OUT_DIR"
 cd "$REPO_DIR"
 log "build: pgsluice and bench targets"
 cargo build --release --bin pgsluice -q
-cargo bench --no-run -q --bench frame_scan --bench idle_clients --bench outage_replay 2>/dev/null ||
-    cargo bench --no-run --bench frame_scan --bench idle_clients --bench outage_replay
+cargo bench --no-run -q --bench frame_scan --bench idle_clients --bench outage_replay --bench cancel_latency 2>/dev/null ||
+    cargo bench --no-run --bench frame_scan --bench idle_clients --bench outage_replay --bench cancel_latency
 
 log "frame_scan (one pass per benchmark)"
 cargo bench -q --bench frame_scan -- --test
@@ -46,5 +46,8 @@ SKIP_BUILD=1 SCALE=1 bash "$BENCH_DIR/outage.sh" --quick --vus 20 --calib-concur
 
 log "idle clients (50)"
 SKIP_BUILD=1 COUNTS=50 bash "$BENCH_DIR/idle_memory.sh"
+
+log "cancel latency --quick"
+SKIP_BUILD=1 bash "$BENCH_DIR/cancel_latency.sh" --quick --out "$OUT_DIR/cancel-latency.md"
 
 echo "benchmark smoke: passed"
