@@ -293,6 +293,8 @@ pub async fn start(cfg: Config) -> Result<ProxyHandle> {
         suppressed_sheds: AtomicU64::new(0),
         identity_labels,
     });
+    // Every series exists from the first scrape, before the first health check completes.
+    shared.export_gauges();
     let mut tasks = vec![tokio::spawn(health_loop(shared.clone()))];
     if let Some(l) = admin_listener {
         tasks.push(tokio::spawn(crate::admin_backend::serve(
