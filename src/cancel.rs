@@ -24,8 +24,10 @@ pub struct BackendTarget {
 struct EntryState {
     /// Set while a query of this client runs upstream.
     running: Option<BackendTarget>,
-    /// Bumped for every query; a cancel forwards only while the generation it saw still runs.
+    /// Counts this client's queries (for logs).
     generation: u64,
+    /// When the running query started (for the cancel log line).
+    started: Option<std::time::Instant>,
     /// Cancels being delivered right now; the session waits for them before it lets the
     /// server connection go to another client.
     in_flight: usize,
@@ -36,6 +38,8 @@ pub struct CancelEntry {
     pub pid: i32,
     /// Pool label of the client, for metrics.
     pub pool: Arc<str>,
+    /// Client identity (application_name, else user), for logs.
+    pub identity: Arc<str>,
     secret: i32,
     state: Mutex<EntryState>,
     /// Wakes a session whose query is still queued: it answers 57014 itself.
@@ -52,6 +56,7 @@ impl CancelEntry {
         let mut s = self.state.lock();
         s.generation += 1;
         s.running = Some(target);
+        s.started = Some(std::time::Instant::now());
         s.generation
     }
 
@@ -103,7 +108,7 @@ impl CancelRegistry {
         }
     }
 
-    pub fn register(self: &Arc<Self>, pool: Arc<str>) -> Arc<CancelEntry> {
+    pub fn register(self: &Arc<Self>, pool: Arc<str>, identity: Arc<str>) -> Arc<CancelEntry> {
         let mut entries = self.entries.lock();
         loop {
             // Positive, non-zero and unused: some clients treat pid 0 as "no key".
@@ -115,6 +120,7 @@ impl CancelRegistry {
             let e = Arc::new(CancelEntry {
                 pid,
                 pool: pool.clone(),
+                identity: identity.clone(),
                 secret: rand::random(),
                 state: Mutex::new(EntryState::default()),
                 queued_cancel: Notify::new(),
@@ -142,12 +148,12 @@ impl CancelRegistry {
         if !bool::from(entry.secret.to_be_bytes().ct_eq(&secret.to_be_bytes())) {
             return CancelOutcome::Unknown;
         }
-        let target = {
+        let (target, age) = {
             let mut s = entry.state.lock();
             match s.running {
                 Some(t) => {
                     s.in_flight += 1;
-                    t
+                    (t, s.started.map(|t| t.elapsed()))
                 }
                 None => {
                     drop(s);
@@ -170,7 +176,13 @@ impl CancelRegistry {
             .increment(1);
         match res {
             Ok(()) => {
-                tracing::info!(cause = "client_request", pool = %entry.pool, "cancel forwarded to upstream")
+                tracing::info!(
+                    cause = "client_request",
+                    identity = %entry.identity,
+                    pool = %entry.pool,
+                    age_ms = age.map(|a| a.as_millis() as u64),
+                    "cancel forwarded to upstream"
+                )
             }
             Err(e) => {
                 tracing::warn!(error = %e, backend_pid = target.pid, "could not deliver cancel to upstream")
@@ -216,7 +228,7 @@ mod tests {
     #[tokio::test]
     async fn wrong_secret_or_idle_is_dropped() {
         let reg = Arc::new(CancelRegistry::new());
-        let e = reg.register("db/u".into());
+        let e = reg.register("db/u".into(), "app".into());
         let secret = CancelRegistry::secret_of(&e);
         e.queued.store(true, Ordering::Release);
         assert_eq!(

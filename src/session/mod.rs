@@ -75,7 +75,9 @@ pub async fn run(mut client: TcpStream, shared: Arc<Shared>) {
         .record("identity", &*identity)
         .record("database", info.database.as_str())
         .record("user", info.user.as_str());
-    let entry = shared.cancels.register(pool.label.clone());
+    let entry = shared
+        .cancels
+        .register(pool.label.clone(), identity.clone());
     let client_id = shared.next_client_id();
     let mut st = RelayState::new();
     if cfg.pool_mode == PoolMode::Transaction {
