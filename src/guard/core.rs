@@ -150,6 +150,25 @@ impl<T> Core<T> {
             .is_some_and(|t| now.saturating_duration_since(t) >= iv)
     }
 
+    /// Overload as the request-level (cohort) filter sees it: the queue has not emptied for an
+    /// interval and its oldest query has waited past the target. This is a lighter test than
+    /// `standing`, on purpose: refusing new requests at the door is cheap and keeps admitted
+    /// requests fast, while shedding queued queries (which may be mid-request) waits for a
+    /// truly standing queue.
+    fn under_pressure(&self, now: Instant) -> bool {
+        if self.paused {
+            return false;
+        }
+        let Some(since) = self.nonempty_since else {
+            return false;
+        };
+        if now.saturating_duration_since(since) < self.cfg.codel_interval {
+            return false;
+        }
+        self.oldest_normal()
+            .is_some_and(|t| now.saturating_duration_since(t) >= self.cfg.codel_target)
+    }
+
     /// Arrival time of the longest-waiting normal (not in-transaction) query.
     fn oldest_normal(&self) -> Option<Instant> {
         self.backlogged
@@ -177,8 +196,8 @@ impl<T> Core<T> {
         if probe {
             self.sync_circuit_gauge(now);
         }
-        let standing = self.standing(now);
-        self.cohorts.adjust(standing, self.cfg.codel_interval, now);
+        let pressure = self.under_pressure(now);
+        self.cohorts.adjust(pressure, self.cfg.codel_interval, now);
         let result = self.admit_inner(req, now, probe, payload);
         if probe && matches!(result, Admission::Shed(_)) {
             self.breaker.probe_abandoned();
