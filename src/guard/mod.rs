@@ -33,7 +33,8 @@
 //! application request is usually several queries in a row on one connection; refusing the
 //! third query wastes the first two. Clients hash into `cohorts` buckets whose priority
 //! order rotates every `cohort_rotation`. An overload level sets how many buckets take new
-//! work: it drops by one bucket per CoDel interval while the queue stands (never below one)
+//! work: it drops by one bucket per CoDel interval while the queue is under pressure (not
+//! emptied for an interval, oldest waiter past `codel_target`; never below one)
 //! and climbs back by one per interval otherwise. A client outside the admitted buckets is
 //! refused at once (`cohort`), so the same clients are turned away consistently and
 //! cheaply, while a client that had a query admitted within `mid_request_window` bypasses
