@@ -50,12 +50,10 @@ impl AdminBackend for Backend {
     }
 
     fn pause(&self) {
-        tracing::warn!("paused: new queries wait until resumed");
         self.0.pause();
     }
 
     fn resume(&self) {
-        tracing::info!("resumed");
         self.0.resume();
     }
 

@@ -24,8 +24,6 @@ pub struct BackendTarget {
 struct EntryState {
     /// Set while a query of this client runs upstream.
     running: Option<BackendTarget>,
-    /// Counts this client's queries (for logs).
-    generation: u64,
     /// When the running query started (for the cancel log line).
     started: Option<std::time::Instant>,
     /// Cancels being delivered right now; the session waits for them before it lets the
@@ -51,13 +49,11 @@ pub struct CancelEntry {
 }
 
 impl CancelEntry {
-    /// Marks a query as running on `target`; returns its generation.
-    pub fn start_query(&self, target: BackendTarget) -> u64 {
+    /// Marks a query as running on `target`.
+    pub fn start_query(&self, target: BackendTarget) {
         let mut s = self.state.lock();
-        s.generation += 1;
         s.running = Some(target);
         s.started = Some(std::time::Instant::now());
-        s.generation
     }
 
     pub fn end_query(&self) {

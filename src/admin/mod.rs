@@ -135,12 +135,7 @@ async fn pause(
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     headers: HeaderMap,
 ) -> Response {
-    if let Some(denied) = authorize(&s, peer, &headers) {
-        return denied;
-    }
-    s.backend.pause();
-    tracing::info!(%peer, "paused by admin request");
-    Json(json!({ "paused": s.backend.paused() })).into_response()
+    set_paused(&s, peer, &headers, true)
 }
 
 async fn resume(
@@ -148,11 +143,20 @@ async fn resume(
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     headers: HeaderMap,
 ) -> Response {
-    if let Some(denied) = authorize(&s, peer, &headers) {
+    set_paused(&s, peer, &headers, false)
+}
+
+fn set_paused(s: &AppState, peer: SocketAddr, headers: &HeaderMap, pause: bool) -> Response {
+    if let Some(denied) = authorize(s, peer, headers) {
         return denied;
     }
-    s.backend.resume();
-    tracing::info!(%peer, "resumed by admin request");
+    if pause {
+        s.backend.pause();
+        tracing::info!(%peer, "paused by admin request");
+    } else {
+        s.backend.resume();
+        tracing::info!(%peer, "resumed by admin request");
+    }
     Json(json!({ "paused": s.backend.paused() })).into_response()
 }
 

@@ -301,9 +301,6 @@ impl RelayState {
                 for e in self.ends.iter_mut() {
                     *e -= shift;
                 }
-                if self.ends.is_empty() && self.c2s.is_empty() {
-                    // Only a complete batch was there.
-                }
                 true
             }
             None => {
@@ -542,11 +539,6 @@ fn poll_relay(
             return Poll::Pending;
         }
     }
-}
-
-/// Writes all of `bytes` to the client.
-pub async fn write_client(client: &mut TcpStream, bytes: &[u8]) -> io::Result<()> {
-    tokio::io::AsyncWriteExt::write_all(client, bytes).await
 }
 
 /// Drains server output (discarding it) until every forwarded batch has its ReadyForQuery.
