@@ -2,6 +2,7 @@
 //! in that order of precedence, validated into a [`Config`] with one-line errors.
 
 use crate::auth::AuthMethod;
+pub use crate::tls::params::{ChannelBindingMode, SslMode, TlsMode};
 use anyhow::{anyhow, bail, Context, Result};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use serde::Deserialize;
@@ -150,6 +151,18 @@ pub struct Flags {
     /// Most distinct client identities used as metric labels; the rest fold into "other".
     #[arg(long, env = "PGSLUICE_IDENTITY_LABEL_CAP")]
     pub identity_label_cap: Option<usize>,
+    /// Certificate chain (PEM) offered to clients that ask for TLS.
+    #[arg(long, env = "PGSLUICE_TLS_CERT")]
+    pub tls_cert: Option<PathBuf>,
+    /// Private key (PEM) of --tls-cert.
+    #[arg(long, env = "PGSLUICE_TLS_KEY")]
+    pub tls_key: Option<PathBuf>,
+    /// CA certificates (PEM): clients must present a certificate signed by one of them.
+    #[arg(long, env = "PGSLUICE_TLS_CLIENT_CA")]
+    pub tls_client_ca: Option<PathBuf>,
+    /// Client TLS: disable, allow or require (default allow with a certificate, else disable).
+    #[arg(long, env = "PGSLUICE_TLS_MODE")]
+    pub tls_mode: Option<TlsMode>,
 }
 
 /// Where a server connection goes.
@@ -160,7 +173,10 @@ pub struct Upstream {
     pub user: String,
     pub password: Option<String>,
     pub dbname: Option<String>,
-    pub sslmode: String,
+    pub sslmode: SslMode,
+    /// Root certificates for verify-ca/verify-full: a PEM file, or "system" (the default).
+    pub sslrootcert: Option<String>,
+    pub channel_binding: ChannelBindingMode,
 }
 
 impl Upstream {
@@ -183,10 +199,22 @@ impl Upstream {
         let mut password = u.password().map(decode);
         let mut dbname = Some(decode(u.path().trim_start_matches('/'))).filter(|d| !d.is_empty());
         let mut port = u.port().unwrap_or(5432);
-        let mut sslmode = "disable".to_string();
+        let mut sslmode = SslMode::Disable;
+        let mut sslrootcert = None;
+        let mut channel_binding = ChannelBindingMode::Prefer;
         for (k, v) in u.query_pairs() {
             match &*k {
-                "sslmode" => sslmode = v.into_owned(),
+                "sslmode" => {
+                    sslmode = SslMode::parse(&v).ok_or_else(|| {
+                        anyhow!("--upstream: sslmode={v}: expected disable, allow, prefer, require, verify-ca or verify-full")
+                    })?
+                }
+                "sslrootcert" => sslrootcert = Some(v.into_owned()),
+                "channel_binding" => {
+                    channel_binding = ChannelBindingMode::parse(&v).ok_or_else(|| {
+                        anyhow!("--upstream: channel_binding={v}: expected disable, prefer or require")
+                    })?
+                }
                 "user" => user = v.into_owned(),
                 "password" => password = Some(v.into_owned()),
                 "dbname" => dbname = Some(v.into_owned()),
@@ -199,8 +227,11 @@ impl Upstream {
                 other => bail!("--upstream {url:?}: unsupported parameter {other:?}"),
             }
         }
-        if !matches!(sslmode.as_str(), "disable" | "allow" | "prefer") {
-            bail!("--upstream: sslmode={sslmode} needs TLS to the upstream, which this build does not support yet; use sslmode=disable or prefer");
+        if channel_binding == ChannelBindingMode::Require && !sslmode.tries_tls() {
+            bail!(
+                "--upstream: channel_binding=require needs TLS (sslmode={} sends no SSLRequest)",
+                sslmode.as_str()
+            );
         }
         if user.is_empty() {
             user = "postgres".into();
@@ -212,6 +243,8 @@ impl Upstream {
             password,
             dbname,
             sslmode,
+            sslrootcert,
+            channel_binding,
         })
     }
 
@@ -254,6 +287,10 @@ pub struct Config {
     pub health_interval: Duration,
     pub identity_label_cap: usize,
     pub max_prepared_statements: usize,
+    pub tls_cert: Option<PathBuf>,
+    pub tls_key: Option<PathBuf>,
+    pub tls_client_ca: Option<PathBuf>,
+    pub tls_mode: TlsMode,
     /// The TOML file this came from, re-read on SIGHUP.
     pub config_file: Option<PathBuf>,
     /// The flags as given, so a reload re-applies them over the new file.
@@ -352,6 +389,25 @@ impl Config {
             parse_duration(&s).map_err(|e| anyhow!("--{name} {s:?}: {e}"))
         };
         let opt = |d: Duration| (!d.is_zero()).then_some(d);
+        let (tls_cert, tls_key, tls_client_ca) =
+            (pick!(tls_cert), pick!(tls_key), pick!(tls_client_ca));
+        let tls_mode = pick!(tls_mode).unwrap_or(if tls_cert.is_some() {
+            TlsMode::Allow
+        } else {
+            TlsMode::Disable
+        });
+        if tls_cert.is_some() != tls_key.is_some() {
+            bail!("--tls-cert and --tls-key go together");
+        }
+        if tls_mode != TlsMode::Disable && tls_cert.is_none() {
+            bail!(
+                "--tls-mode {}: needs --tls-cert and --tls-key",
+                tls_mode.as_str()
+            );
+        }
+        if tls_client_ca.is_some() && tls_cert.is_none() {
+            bail!("--tls-client-ca needs --tls-cert and --tls-key");
+        }
         let cfg = Config {
             listen,
             upstream,
@@ -391,6 +447,10 @@ impl Config {
             health_interval: dur("health-interval", pick!(health_interval), "1s")?,
             identity_label_cap: pick!(identity_label_cap).unwrap_or(50),
             max_prepared_statements: pick!(max_prepared_statements).unwrap_or(200),
+            tls_cert,
+            tls_key,
+            tls_client_ca,
+            tls_mode,
             config_file: flags.config.clone(),
             flags,
             generation: 0,
@@ -499,6 +559,40 @@ mod tests {
         assert_eq!(u.user, "app");
         assert_eq!(u.password.as_deref(), Some("s@cret"));
         assert_eq!(u.dbname.as_deref(), Some("shop"));
+        assert_eq!(u.sslmode, SslMode::Prefer);
+        let u = Upstream::parse(
+            "postgres://h/db?sslmode=verify-full&sslrootcert=/ca.pem&channel_binding=require",
+        )
+        .unwrap();
+        assert_eq!(u.sslmode, SslMode::VerifyFull);
+        assert_eq!(u.sslrootcert.as_deref(), Some("/ca.pem"));
+        assert_eq!(u.channel_binding, ChannelBindingMode::Require);
+        let e = Upstream::parse("postgres://h/db?sslmode=sometimes")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("sslmode=sometimes"), "{e}");
+        assert!(Upstream::parse("postgres://h/db?channel_binding=require").is_err());
+    }
+
+    #[test]
+    fn tls_flags_are_validated() {
+        let c = cfg(&[]).unwrap();
+        assert_eq!(c.tls_mode, TlsMode::Disable);
+        let c = cfg(&["--tls-cert", "/c.pem", "--tls-key", "/k.pem"]).unwrap();
+        assert_eq!(c.tls_mode, TlsMode::Allow);
+        let e = cfg(&["--tls-mode", "require"]).unwrap_err().to_string();
+        assert!(
+            e.contains("--tls-mode require") && e.contains("--tls-cert"),
+            "{e}"
+        );
+        let e = cfg(&["--tls-cert", "/c.pem"]).unwrap_err().to_string();
+        assert!(e.contains("--tls-key"), "{e}");
+        assert!(cfg(&["--tls-client-ca", "/ca.pem"]).is_err());
+        let c = Config::from_toml_str(
+            "tls-cert = \"/c.pem\"\ntls_key = \"/k.pem\"\ntls-mode = \"require\"\n",
+        )
+        .unwrap();
+        assert_eq!(c.tls_mode, TlsMode::Require);
     }
 
     #[test]

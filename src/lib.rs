@@ -14,3 +14,4 @@ pub mod protocol;
 pub mod run;
 pub mod server;
 pub mod session;
+pub mod tls;

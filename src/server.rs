@@ -7,6 +7,8 @@ use crate::config::Config;
 use crate::guard::{BreakerConfig, Guard, GuardConfig, Shed};
 use crate::metrics as m;
 use crate::pool::{self, PoolEntry, PoolRegistry};
+use crate::tls::upstream::UpstreamTls;
+use crate::tls::ClientTls;
 use anyhow::{Context, Result};
 use parking_lot::RwLock;
 use std::net::SocketAddr;
@@ -25,6 +27,8 @@ pub struct Shared {
     config: RwLock<Arc<Config>>,
     config_generation: AtomicU64,
     users: RwLock<Arc<UserStore>>,
+    /// Client-side TLS; replaced on reload, so new connections get new certificates.
+    client_tls: RwLock<Option<Arc<ClientTls>>>,
     pub guard: Arc<Guard>,
     pub pools: PoolRegistry,
     pub cancels: Arc<CancelRegistry>,
@@ -84,6 +88,10 @@ impl Shared {
         self.users.read().clone()
     }
 
+    pub fn client_tls(&self) -> Option<Arc<ClientTls>> {
+        self.client_tls.read().clone()
+    }
+
     pub fn next_client_id(&self) -> u64 {
         self.next_client.fetch_add(1, Ordering::Relaxed)
     }
@@ -109,6 +117,9 @@ impl Shared {
         let old = self.config();
         let mut new = old.reload().map_err(|e| e.to_string())?;
         let users = load_users(&new).map_err(|e| e.to_string())?;
+        // Certificates are re-read even when the file names did not change; an unreadable
+        // or mismatched one rejects the reload and the running ones stay.
+        let tls = ClientTls::load(&new)?;
         if new.listen != old.listen
             || new.admin_listen != old.admin_listen
             || new.upstream != old.upstream
@@ -124,6 +135,7 @@ impl Shared {
         self.guard.update_config(guard_config(&new));
         self.pools.update(&new, users.clone());
         *self.users.write() = users;
+        *self.client_tls.write() = tls;
         *self.config.write() = Arc::new(new);
         self.config_generation.fetch_add(1, Ordering::Relaxed);
         info!("configuration reloaded");
@@ -259,6 +271,8 @@ impl ProxyHandle {
 pub async fn start(cfg: Config) -> Result<ProxyHandle> {
     let prometheus = m::install();
     let users = load_users(&cfg)?;
+    let client_tls = ClientTls::load(&cfg).map_err(anyhow::Error::msg)?;
+    let upstream_tls = Arc::new(UpstreamTls::new(&cfg.upstream).map_err(anyhow::Error::msg)?);
     let guard = Guard::new(guard_config(&cfg));
     let listener = TcpListener::bind(cfg.listen)
         .await
@@ -276,10 +290,11 @@ pub async fn start(cfg: Config) -> Result<ProxyHandle> {
     let (shutdown, _) = watch::channel(false);
     let identity_labels = m::LabelCap::new(cfg.identity_label_cap);
     let shared = Arc::new(Shared {
-        pools: PoolRegistry::new(&cfg, guard.clone(), users.clone()),
+        pools: PoolRegistry::new(&cfg, guard.clone(), users.clone(), upstream_tls),
         config: RwLock::new(Arc::new(cfg)),
         config_generation: AtomicU64::new(0),
         users: RwLock::new(users),
+        client_tls: RwLock::new(client_tls),
         guard,
         cancels: Arc::new(CancelRegistry::new()),
         clients_total: AtomicUsize::new(0),
@@ -329,7 +344,7 @@ async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
         let max = shared.config().max_client_conn;
         if shared.clients_total.fetch_add(1, Ordering::AcqRel) >= max {
             shared.clients_total.fetch_sub(1, Ordering::AcqRel);
-            tokio::spawn(refuse_client(sock));
+            tokio::spawn(refuse_client(sock, shared.client_tls()));
             continue;
         }
         let sh = shared.clone();
@@ -350,18 +365,14 @@ async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
 }
 
 /// Too many clients: answer the startup with 53300 and close.
-async fn refuse_client(mut sock: TcpStream) {
+async fn refuse_client(sock: TcpStream, tls: Option<Arc<ClientTls>>) {
+    use crate::session::startup;
     let cancels = CancelRegistry::new();
-    let _ = tokio::time::timeout(Duration::from_secs(2), async {
-        if let Ok(crate::session::startup::Startup::Session(_)) =
-            crate::session::startup::read_startup(&mut sock, &cancels).await
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
+    let _ = tokio::time::timeout_at(deadline, async {
+        if let Some((mut client, _)) = startup::open(sock, tls.as_deref(), &cancels, deadline).await
         {
-            crate::session::startup::send_fatal(
-                &mut sock,
-                "53300",
-                "pgsluice: too many clients already",
-            )
-            .await;
+            startup::send_fatal(&mut client, "53300", "pgsluice: too many clients already").await;
         }
     })
     .await;
@@ -374,6 +385,7 @@ async fn health_loop(shared: Arc<Shared>) {
         let cfg = shared.config();
         let ok = pool::probe(
             &cfg.upstream,
+            shared.pools.tls(),
             cfg.connect_timeout.min(cfg.health_interval * 3),
         )
         .await;

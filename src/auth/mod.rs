@@ -12,7 +12,10 @@ pub mod verifier;
 #[cfg(test)]
 mod tests;
 
-pub use upstream::{upstream_startup, UpstreamAuth, UpstreamAuthError, UpstreamStartup};
+pub use upstream::{
+    upstream_startup, upstream_startup_bound, Binding, UpstreamAuth, UpstreamAuthError,
+    UpstreamStartup,
+};
 pub use users::{Secret, UserEntry, UserStore};
 pub use verifier::{scram_verifier_for, ScramVerifier};
 

@@ -2,6 +2,7 @@
 //! server asks for, then the server's start-up report up to ReadyForQuery.
 
 use crate::protocol::{self, ProtocolError, MAX_AUTH_MESSAGE_LEN};
+use crate::tls::params::ChannelBindingMode;
 use bytes::BytesMut;
 use postgres_protocol::authentication::md5_hash;
 use postgres_protocol::authentication::sasl::{self, ChannelBinding, ScramSha256};
@@ -28,6 +29,18 @@ pub enum UpstreamAuth {
     Cleartext,
     Md5,
     ScramSha256,
+    /// SCRAM with `tls-server-end-point` channel binding.
+    ScramSha256Plus,
+}
+
+/// What the connection offers for SCRAM channel binding.
+#[derive(Debug, Clone, Default)]
+pub struct Binding {
+    /// The connection is TLS.
+    pub tls: bool,
+    /// `tls-server-end-point` data of the server's certificate (TLS only).
+    pub end_point: Option<Vec<u8>>,
+    pub mode: ChannelBindingMode,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -46,6 +59,8 @@ pub enum UpstreamAuthError {
     PasswordRequired,
     #[error("upstream asks for an unsupported authentication method: {0}")]
     UnsupportedMethod(String),
+    #[error("channel_binding=require, but {0}")]
+    ChannelBindingRequired(&'static str),
 }
 
 impl From<ProtocolError> for UpstreamAuthError {
@@ -106,6 +121,18 @@ pub async fn upstream_startup<S: AsyncRead + AsyncWrite + Unpin>(
     params: &[(&str, &str)],
     password: Option<&str>,
 ) -> Result<UpstreamStartup, UpstreamAuthError> {
+    upstream_startup_bound(stream, params, password, &Binding::default()).await
+}
+
+/// [`upstream_startup`] on a connection that may offer channel binding: SCRAM-SHA-256-PLUS
+/// is chosen when the server offers it over TLS (unless `channel_binding=disable`).
+pub async fn upstream_startup_bound<S: AsyncRead + AsyncWrite + Unpin>(
+    stream: &mut S,
+    params: &[(&str, &str)],
+    password: Option<&str>,
+    binding: &Binding,
+) -> Result<UpstreamStartup, UpstreamAuthError> {
+    let require_cb = binding.mode == ChannelBindingMode::Require;
     let user = params
         .iter()
         .find(|(k, _)| *k == "user")
@@ -135,8 +162,18 @@ pub async fn upstream_startup<S: AsyncRead + AsyncWrite + Unpin>(
                         if scram.is_some() {
                             return Err(proto("server skipped the SCRAM final message"));
                         }
+                        if require_cb && out.auth != UpstreamAuth::ScramSha256Plus {
+                            return Err(UpstreamAuthError::ChannelBindingRequired(
+                                "the server authenticated us without channel binding",
+                            ));
+                        }
                         authenticated = true;
                         continue;
+                    }
+                    3 | 5 if require_cb => {
+                        return Err(UpstreamAuthError::ChannelBindingRequired(
+                            "the server asks for a password without channel binding",
+                        ))
                     }
                     3 => {
                         let pw = password.ok_or(UpstreamAuthError::PasswordRequired)?;
@@ -154,24 +191,56 @@ pub async fn upstream_startup<S: AsyncRead + AsyncWrite + Unpin>(
                     }
                     10 => {
                         let pw = password.ok_or(UpstreamAuthError::PasswordRequired)?;
-                        let offered = payload
-                            .split(|&b| b == 0)
-                            .any(|m| m == sasl::SCRAM_SHA_256.as_bytes());
-                        if !offered {
+                        let offers =
+                            |m: &str| payload.split(|&b| b == 0).any(|x| x == m.as_bytes());
+                        let plus_offered = offers(sasl::SCRAM_SHA_256_PLUS);
+                        let plus = match &binding.end_point {
+                            Some(ep)
+                                if plus_offered && binding.mode != ChannelBindingMode::Disable =>
+                            {
+                                Some(ep.clone())
+                            }
+                            _ => None,
+                        };
+                        if require_cb && plus.is_none() {
+                            return Err(UpstreamAuthError::ChannelBindingRequired(
+                                if binding.tls {
+                                    "the server does not offer SCRAM-SHA-256-PLUS"
+                                } else {
+                                    "the connection to the server is not TLS"
+                                },
+                            ));
+                        }
+                        if plus.is_none() && !offers(sasl::SCRAM_SHA_256) {
                             return Err(UpstreamAuthError::UnsupportedMethod(format!(
                                 "SASL mechanisms {}",
                                 String::from_utf8_lossy(payload).replace('\0', " ").trim()
                             )));
                         }
-                        // No TLS to the server yet, hence no channel binding.
-                        let s = ScramSha256::new(pw.as_bytes(), ChannelBinding::unsupported());
-                        frontend::sasl_initial_response(
-                            sasl::SCRAM_SHA_256,
-                            s.message(),
-                            &mut buf,
-                        )?;
+                        // The GS2 flag: "p" binds; "y" says we could bind but the server
+                        // offered no PLUS (a server that did would detect a downgrade);
+                        // "n" without TLS, when disabled, or when the data is missing.
+                        let (mechanism, cb) = match plus {
+                            Some(ep) => (
+                                sasl::SCRAM_SHA_256_PLUS,
+                                ChannelBinding::tls_server_end_point(ep),
+                            ),
+                            None if binding.tls
+                                && !plus_offered
+                                && binding.mode != ChannelBindingMode::Disable =>
+                            {
+                                (sasl::SCRAM_SHA_256, ChannelBinding::unrequested())
+                            }
+                            None => (sasl::SCRAM_SHA_256, ChannelBinding::unsupported()),
+                        };
+                        let s = ScramSha256::new(pw.as_bytes(), cb);
+                        frontend::sasl_initial_response(mechanism, s.message(), &mut buf)?;
                         scram = Some(s);
-                        out.auth = UpstreamAuth::ScramSha256;
+                        out.auth = if mechanism == sasl::SCRAM_SHA_256_PLUS {
+                            UpstreamAuth::ScramSha256Plus
+                        } else {
+                            UpstreamAuth::ScramSha256
+                        };
                     }
                     11 => {
                         let s = scram

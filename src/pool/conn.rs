@@ -1,12 +1,12 @@
 //! One server connection and the relay buffers that travel with it.
 
+use crate::tls::ServerStream;
 use std::net::SocketAddr;
 use std::time::Instant;
-use tokio::net::TcpStream;
 
 pub struct ServerConn {
     pub id: u64,
-    pub stream: TcpStream,
+    pub stream: ServerStream,
     /// Where CancelRequests for this backend go.
     pub addr: SocketAddr,
     pub pid: i32,
@@ -19,7 +19,7 @@ pub struct ServerConn {
 }
 
 impl ServerConn {
-    pub fn new(id: u64, stream: TcpStream, addr: SocketAddr, pid: i32, secret: i32) -> Self {
+    pub fn new(id: u64, stream: ServerStream, addr: SocketAddr, pid: i32, secret: i32) -> Self {
         ServerConn {
             id,
             stream,

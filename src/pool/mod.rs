@@ -1,11 +1,12 @@
 //! Server connections: one bb8 pool per (database, user), connections that log in to the
 //! upstream, are discarded when broken or too old, and never reach another client dirty.
 
-use crate::auth::upstream::{upstream_startup, UpstreamAuthError};
+use crate::auth::upstream::{upstream_startup_bound, Binding, UpstreamAuthError};
 use crate::auth::UserStore;
 use crate::config::{Config, Upstream};
 use crate::guard::Guard;
 use crate::metrics as m;
+use crate::tls::upstream::UpstreamTls;
 use parking_lot::{Mutex, RwLock};
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -26,6 +27,8 @@ pub enum PoolError {
     },
     #[error("upstream login failed: {0}")]
     Login(#[from] UpstreamAuthError),
+    #[error("TLS to upstream {addr} failed: {reason}")]
+    Tls { addr: String, reason: String },
     #[error("timed out connecting to upstream {0}")]
     Timeout(String),
     #[error("no server connection became free in time")]
@@ -50,7 +53,10 @@ impl PoolError {
     /// True when the failure says something about the upstream's health (breaker input).
     pub fn is_upstream_failure(&self) -> bool {
         match self {
-            PoolError::Connect { .. } | PoolError::Timeout(_) | PoolError::Failed(_) => true,
+            PoolError::Connect { .. }
+            | PoolError::Tls { .. }
+            | PoolError::Timeout(_)
+            | PoolError::Failed(_) => true,
             PoolError::Login(UpstreamAuthError::Server { code, .. }) => {
                 // Startup/shutdown/too many connections: the server is not serving.
                 code.starts_with("57P") || code == "53300"
@@ -66,6 +72,7 @@ static NEXT_CONN_ID: AtomicU64 = AtomicU64::new(1);
 /// Creates and checks server connections for one (database, user).
 pub struct ServerManager {
     upstream: Upstream,
+    tls: Arc<UpstreamTls>,
     user: String,
     database: String,
     password: Option<String>,
@@ -91,25 +98,40 @@ pub struct ConnectFailures {
 impl ServerManager {
     async fn connect_inner(&self) -> Result<ServerConn, PoolError> {
         let addr_s = format!("{}:{}", self.upstream.host, self.upstream.port);
-        let mut stream =
-            TcpStream::connect(&addr_s)
-                .await
-                .map_err(|source| PoolError::Connect {
-                    addr: addr_s.clone(),
-                    source,
-                })?;
-        let _ = stream.set_nodelay(true);
-        let peer: SocketAddr = stream.peer_addr().map_err(|source| PoolError::Connect {
+        let tcp = TcpStream::connect(&addr_s)
+            .await
+            .map_err(|source| PoolError::Connect {
+                addr: addr_s.clone(),
+                source,
+            })?;
+        let _ = tcp.set_nodelay(true);
+        let peer: SocketAddr = tcp.peer_addr().map_err(|source| PoolError::Connect {
             addr: addr_s.clone(),
             source,
         })?;
+        let secured = self
+            .tls
+            .secure(tcp)
+            .await
+            .map_err(|reason| PoolError::Tls {
+                addr: addr_s.clone(),
+                reason,
+            })?;
+        let mut stream = secured.stream;
+        let binding = Binding {
+            tls: stream.is_tls(),
+            end_point: secured.end_point,
+            mode: self.upstream.channel_binding,
+        };
         let params = [
             ("user", self.user.as_str()),
             ("database", self.database.as_str()),
             ("application_name", "pgsluice"),
             ("client_encoding", "UTF8"),
         ];
-        let st = upstream_startup(&mut stream, &params, self.password.as_deref()).await?;
+        let st = upstream_startup_bound(&mut stream, &params, self.password.as_deref(), &binding)
+            .await?;
+        tracing::debug!(tls = binding.tls, auth = ?st.auth, backend_pid = st.pid, "server connection logged in");
         {
             let mut p = self.params.write();
             if p.is_empty() {
@@ -239,6 +261,7 @@ pub struct PoolRegistry {
     pools: Mutex<HashMap<(String, String), Arc<PoolEntry>>>,
     settings: RwLock<PoolSettings>,
     upstream: Upstream,
+    tls: Arc<UpstreamTls>,
     guard: Arc<Guard>,
     /// Users file: plain passwords there are used to log in upstream as that user.
     users: RwLock<Arc<UserStore>>,
@@ -264,8 +287,14 @@ impl PoolSettings {
 }
 
 impl PoolRegistry {
-    pub fn new(cfg: &Config, guard: Arc<Guard>, users: Arc<UserStore>) -> Self {
+    pub fn new(
+        cfg: &Config,
+        guard: Arc<Guard>,
+        users: Arc<UserStore>,
+        tls: Arc<UpstreamTls>,
+    ) -> Self {
         PoolRegistry {
+            tls,
             pools: Mutex::new(HashMap::new()),
             settings: RwLock::new(PoolSettings::from(cfg)),
             upstream: cfg.upstream.clone(),
@@ -303,6 +332,7 @@ impl PoolRegistry {
         let manager = ServerManager {
             failures: failures.clone(),
             upstream: self.upstream.clone(),
+            tls: self.tls.clone(),
             user: user.to_string(),
             database: database.to_string(),
             password,
@@ -334,6 +364,11 @@ impl PoolRegistry {
         self.pools.lock().entry(key).or_insert(entry).clone()
     }
 
+    /// How server connections are secured (shared with the health check).
+    pub fn tls(&self) -> &Arc<UpstreamTls> {
+        &self.tls
+    }
+
     pub fn all(&self) -> Vec<Arc<PoolEntry>> {
         self.pools.lock().values().cloned().collect()
     }
@@ -351,11 +386,22 @@ impl PoolRegistry {
 }
 
 /// Opens one connection outside any pool (health checks).
-pub async fn probe(upstream: &Upstream, timeout: Duration) -> Result<Duration, String> {
+pub async fn probe(
+    upstream: &Upstream,
+    tls: &UpstreamTls,
+    timeout: Duration,
+) -> Result<Duration, String> {
     let t0 = Instant::now();
     let fut = async {
         let addr = format!("{}:{}", upstream.host, upstream.port);
-        let mut s = TcpStream::connect(&addr).await.map_err(|e| e.to_string())?;
+        let tcp = TcpStream::connect(&addr).await.map_err(|e| e.to_string())?;
+        let secured = tls.secure(tcp).await?;
+        let binding = Binding {
+            tls: secured.stream.is_tls(),
+            end_point: secured.end_point,
+            mode: upstream.channel_binding,
+        };
+        let mut s = secured.stream;
         let db = upstream
             .dbname
             .clone()
@@ -365,12 +411,13 @@ pub async fn probe(upstream: &Upstream, timeout: Duration) -> Result<Duration, S
             ("database", db.as_str()),
             ("application_name", "pgsluice-health"),
         ];
-        upstream_startup(&mut s, &params, upstream.password.as_deref())
+        upstream_startup_bound(&mut s, &params, upstream.password.as_deref(), &binding)
             .await
             .map_err(|e| e.to_string())?;
         let mut b = bytes::BytesMut::new();
         crate::protocol::terminate(&mut b);
         let _ = tokio::io::AsyncWriteExt::write_all(&mut s, &b).await;
+        let _ = tokio::io::AsyncWriteExt::shutdown(&mut s).await;
         Ok::<_, String>(())
     };
     match tokio::time::timeout(timeout, fut).await {

@@ -3,6 +3,7 @@
 
 use super::*;
 use crate::cancel::send_cancel;
+use tokio::io::AsyncWriteExt;
 
 /// Why a cancel was sent upstream (metric label).
 #[derive(Clone, Copy)]
@@ -108,7 +109,7 @@ impl Session {
         if self.st.drop_first_batch() {
             protocol::ready_for_query(&mut b, self.st.status);
         }
-        self.client.write_all(&b).await.map_err(|_| ())
+        startup::send(&mut self.client, &b).await.map_err(|_| ())
     }
 
     /// Sends ReadyForQuery with the current status, optionally after an error.
@@ -118,7 +119,7 @@ impl Session {
             protocol::error_response(&mut b, Severity::Error, code, msg, None);
         }
         protocol::ready_for_query(&mut b, self.st.status);
-        self.client.write_all(&b).await.map_err(|_| ())
+        startup::send(&mut self.client, &b).await.map_err(|_| ())
     }
 
     /// Relays one admitted batch (and any pipelined after it) until nothing is in flight.
@@ -280,7 +281,7 @@ impl Session {
                 None,
             );
         }
-        self.client.write_all(&b).await.is_ok()
+        startup::send(&mut self.client, &b).await.is_ok()
     }
 
     /// The client left (or broke the protocol) with a server attached: stop its work upstream
@@ -322,6 +323,7 @@ impl Session {
                 let mut b = BytesMut::new();
                 b.extend_from_slice(&[b'S', 0, 0, 0, 4]);
                 server.stream.write_all(&b).await?;
+                server.stream.flush().await?;
                 st.pending += 1;
                 st.expect.clear();
                 st.open_batch = false;

@@ -14,39 +14,29 @@ use crate::guard::{AdmitRequest, Permit, Shed};
 use crate::pool::{PoolEntry, PoolError, ServerManager};
 use crate::protocol::{self, Severity};
 use crate::server::Shared;
+use crate::tls::ClientStream;
 use bytes::BytesMut;
 use relay::{RelayEvent, RelayState};
-use startup::{Refusal, Startup, StartupInfo};
+use startup::{Refusal, StartupInfo};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tracing::{debug, info, warn};
 
 type Server = bb8::PooledConnection<'static, ServerManager>;
 
 /// Runs a client connection to the end. Never panics on client input.
-pub async fn run(mut client: TcpStream, shared: Arc<Shared>) {
+pub async fn run(sock: TcpStream, shared: Arc<Shared>) {
     let cfg = shared.config();
-    let info = match tokio::time::timeout(
-        cfg.startup_timeout,
-        startup::read_startup(&mut client, &shared.cancels),
-    )
-    .await
-    {
-        Ok(Ok(Startup::Session(info))) => info,
-        Ok(Ok(Startup::Cancelled)) => return,
-        Ok(Err(Refusal(code, msg))) => {
-            debug!(code, %msg, "startup refused");
-            startup::send_fatal(&mut client, code, &msg).await;
-            return;
-        }
-        Err(_) => {
-            startup::send_fatal(&mut client, "08P01", "pgsluice: startup timed out").await;
-            return;
-        }
+    let tls = shared.client_tls();
+    let deadline = tokio::time::Instant::now() + cfg.startup_timeout;
+    let Some((mut client, info)) =
+        startup::open(sock, tls.as_deref(), &shared.cancels, deadline).await
+    else {
+        return;
     };
+    drop(tls);
     let users = shared.users();
     let auth = tokio::time::timeout(
         cfg.startup_timeout,
@@ -105,7 +95,7 @@ pub async fn run(mut client: TcpStream, shared: Arc<Shared>) {
 }
 
 struct Session {
-    client: TcpStream,
+    client: ClientStream,
     shared: Arc<Shared>,
     cfg: Arc<Config>,
     pool: Arc<PoolEntry>,
@@ -157,8 +147,7 @@ impl Session {
             crate::cancel::CancelRegistry::secret_of(&self.entry),
         );
         protocol::ready_for_query(&mut b, b'I');
-        self.client
-            .write_all(&b)
+        startup::send(&mut self.client, &b)
             .await
             .map_err(|e| Refusal("08006", e.to_string()))?;
         Ok(())

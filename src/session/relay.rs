@@ -7,6 +7,7 @@ use super::bufpool::Buf;
 use super::prepared::{self, ClientStatements, Expectations, ServerStatements, Verdict};
 use crate::pool::ServerConn;
 use crate::protocol::{self, FrameScanner, ProtocolError};
+use crate::tls::ClientStream;
 use std::collections::VecDeque;
 use std::future::poll_fn;
 use std::io;
@@ -14,7 +15,6 @@ use std::ops::ControlFlow;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::net::TcpStream;
 
 /// Why the relay stopped.
 #[derive(Debug)]
@@ -418,7 +418,7 @@ impl RelayState {
 
 /// Relays until something needs the session's attention.
 pub async fn relay(
-    client: &mut TcpStream,
+    client: &mut ClientStream,
     server: &mut ServerConn,
     st: &mut RelayState,
 ) -> RelayEvent {
@@ -427,7 +427,7 @@ pub async fn relay(
 
 fn poll_relay(
     cx: &mut Context<'_>,
-    client: &mut TcpStream,
+    client: &mut ClientStream,
     server: &mut ServerConn,
     st: &mut RelayState,
 ) -> Poll<RelayEvent> {
@@ -529,7 +529,20 @@ fn poll_relay(
             }
         }
 
-        if st.is_idle() {
+        // TLS may accept bytes without sending them; flush both sides every round so
+        // nothing written waits for a next write that may never come. Plain TCP: no-op.
+        if let Poll::Ready(Err(e)) = Pin::new(&mut server.stream).poll_flush(cx) {
+            return Poll::Ready(RelayEvent::ServerGone(e));
+        }
+        let client_flushed = match Pin::new(&mut *client).poll_flush(cx) {
+            Poll::Ready(Ok(())) => true,
+            Poll::Ready(Err(_)) => {
+                st.client_eof = true;
+                return Poll::Ready(RelayEvent::ClientGone);
+            }
+            Poll::Pending => false,
+        };
+        if st.is_idle() && client_flushed {
             return Poll::Ready(RelayEvent::Idle);
         }
         if st.terminated && st.c2s.is_empty() && st.pending == 0 && st.s2c.is_empty() {
@@ -567,6 +580,7 @@ pub async fn run_internal(
     let mut b = bytes::BytesMut::new();
     protocol::query(&mut b, sql);
     tokio::io::AsyncWriteExt::write_all(&mut server.stream, &b).await?;
+    tokio::io::AsyncWriteExt::flush(&mut server.stream).await?;
     st.pending += 1;
     drain_server(server, st).await
 }

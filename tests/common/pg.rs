@@ -37,6 +37,8 @@ pub struct Builder {
     settings: Vec<(String, String)>,
     auth: HostAuth,
     password: Option<String>,
+    files: Vec<(String, Vec<u8>)>,
+    hostssl_only: bool,
 }
 
 impl Default for Builder {
@@ -45,6 +47,8 @@ impl Default for Builder {
             settings: Vec::new(),
             auth: HostAuth::Trust,
             password: None,
+            files: Vec::new(),
+            hostssl_only: false,
         }
     }
 }
@@ -60,6 +64,19 @@ impl Builder {
     pub fn host_auth(mut self, auth: HostAuth, password: &str) -> Self {
         self.auth = auth;
         self.password = Some(password.to_string());
+        self
+    }
+
+    /// A file written into the data directory, readable by the server only (as the server
+    /// requires of a TLS key), e.g. `ssl_cert_file` and `ssl_key_file` for `ssl=on`.
+    pub fn data_file(mut self, name: &str, contents: impl Into<Vec<u8>>) -> Self {
+        self.files.push((name.to_string(), contents.into()));
+        self
+    }
+
+    /// TCP clients must use TLS (`hostssl` lines in pg_hba.conf instead of `host`).
+    pub fn hostssl_only(mut self) -> Self {
+        self.hostssl_only = true;
         self
     }
 
@@ -337,6 +354,13 @@ impl TempPostgres {
             .status()
             .expect("copy template");
         assert!(st.success(), "copying the template data dir failed");
+        for (name, contents) in &opts.files {
+            use std::os::unix::fs::PermissionsExt;
+            let path = data.join(name);
+            fs::write(&path, contents).expect("write data dir file");
+            fs::set_permissions(&path, fs::Permissions::from_mode(0o600))
+                .expect("chmod data dir file");
+        }
         chown_to_server_user(dir.path());
         write_config(&data, dir.path(), &opts);
 
@@ -676,10 +700,11 @@ fn write_config(data: &Path, sock_dir: &Path, opts: &Builder) {
         .expect("write postgresql.conf");
 
     let method = opts.auth.hba_method();
+    let host = if opts.hostssl_only { "hostssl" } else { "host" };
     let hba = format!(
         "local all all trust\n\
-         host all all 127.0.0.1/32 {method}\n\
-         host replication all 127.0.0.1/32 {method}\n"
+         {host} all all 127.0.0.1/32 {method}\n\
+         {host} replication all 127.0.0.1/32 {method}\n"
     );
     // Truncating the existing file keeps its owner.
     fs::write(data.join("pg_hba.conf"), hba).expect("write pg_hba.conf");
