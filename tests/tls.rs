@@ -394,6 +394,59 @@ async fn large_pipelined_and_copy_traffic_does_not_stall_over_tls() {
     proxy.shutdown().await;
 }
 
+/// Reads until the stream's last bytes are ReadyForQuery(idle), `pause` between reads so
+/// the proxy's socket stays full; returns the byte count.
+async fn read_to_ready<S: tokio::io::AsyncRead + Unpin>(s: &mut S, pause: Duration) -> usize {
+    const READY: [u8; 6] = [b'Z', 0, 0, 0, 5, b'I'];
+    let mut tail: Vec<u8> = Vec::new();
+    let mut total = 0;
+    let mut buf = vec![0u8; 16 * 1024];
+    loop {
+        let n = s.read(&mut buf).await.expect("read from proxy");
+        assert!(n > 0, "proxy closed the connection");
+        total += n;
+        tail.extend_from_slice(&buf[..n]);
+        if tail.len() > READY.len() {
+            tail.drain(..tail.len() - READY.len());
+        }
+        if tail == READY {
+            return total;
+        }
+        if !pause.is_zero() {
+            tokio::time::sleep(pause).await;
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_slow_reader_gets_the_end_of_large_results_over_tls() {
+    let pg = cluster().await;
+    let t = TlsSetup::new();
+    let proxy = proxy_with_tls(&pg, &t.proxy_cert(), &[]).await;
+    let mut s = client::tls_connect_small_window(proxy.addr(), &t.ca.pem()).await;
+    let mut b = bytes::BytesMut::new();
+    pgsluice::protocol::startup_message(&mut b, &[("user", "postgres"), ("database", "postgres")]);
+    s.write_all(&b).await.unwrap();
+    s.flush().await.unwrap();
+    tokio::time::timeout(LIMIT, read_to_ready(&mut s, Duration::ZERO))
+        .await
+        .expect("no ReadyForQuery after startup");
+    for round in 0..5 {
+        let mut q = bytes::BytesMut::new();
+        pgsluice::protocol::query(&mut q, "SELECT repeat('x', 2000000)");
+        s.write_all(&q).await.unwrap();
+        s.flush().await.unwrap();
+        // Let the proxy's socket fill up, then drain it slowly: TLS output the proxy
+        // accepted but did not flush would never arrive.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let n = tokio::time::timeout(LIMIT, read_to_ready(&mut s, Duration::from_millis(1)))
+            .await
+            .unwrap_or_else(|_| panic!("round {round}: the end of the result never arrived"));
+        assert!(n > 2_000_000, "round {round}: {n} bytes");
+    }
+    proxy.shutdown().await;
+}
+
 /// A cluster with `ssl=on`, the given certificate, and TLS required of TCP clients.
 async fn ssl_cluster(leaf: Leaf, auth: Option<(HostAuth, &str)>) -> TempPostgres {
     let auth = auth.map(|(a, p)| (a, p.to_string()));

@@ -7,6 +7,9 @@ pub mod params;
 pub mod stream;
 pub mod upstream;
 
+#[cfg(test)]
+mod tests;
+
 pub use stream::{ClientStream, ServerStream};
 
 use crate::config::{Config, TlsMode};

@@ -66,7 +66,20 @@ pub fn ssl_request() -> [u8; 8] {
 
 /// SSLRequest, 'S', then a rustls handshake trusting `ca_pem`.
 pub async fn tls_connect(addr: SocketAddr, ca_pem: &str) -> TlsStream<TcpStream> {
-    let mut tcp = TcpStream::connect(addr).await.expect("connect proxy");
+    let tcp = TcpStream::connect(addr).await.expect("connect proxy");
+    tls_handshake(tcp, ca_pem).await
+}
+
+/// Like [`tls_connect`] with a small socket receive buffer, so the proxy's writes meet a
+/// full socket often.
+pub async fn tls_connect_small_window(addr: SocketAddr, ca_pem: &str) -> TlsStream<TcpStream> {
+    let sock = tokio::net::TcpSocket::new_v4().expect("socket");
+    sock.set_recv_buffer_size(4096).expect("SO_RCVBUF");
+    let tcp = sock.connect(addr).await.expect("connect proxy");
+    tls_handshake(tcp, ca_pem).await
+}
+
+async fn tls_handshake(mut tcp: TcpStream, ca_pem: &str) -> TlsStream<TcpStream> {
     tcp.write_all(&ssl_request())
         .await
         .expect("send SSLRequest");

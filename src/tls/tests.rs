@@ -1,0 +1,140 @@
+//! The relay over TLS with a client socket that is always full: everything rustls accepted
+//! must reach the client even after the relay has gone idle.
+
+use super::{provider, ClientStream, ServerStream};
+use crate::pool::ServerConn;
+use crate::session::relay::{relay, RelayEvent, RelayState};
+use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
+
+fn certs() -> (CertificateDer<'static>, PrivateKeyDer<'static>) {
+    let key = rcgen::KeyPair::generate().unwrap();
+    let cert = rcgen::CertificateParams::new(vec!["127.0.0.1".to_string()])
+        .unwrap()
+        .self_signed(&key)
+        .unwrap();
+    let key = PrivateKeyDer::try_from(key.serialize_der()).unwrap();
+    (cert.der().clone(), key)
+}
+
+/// (proxy side as the session sees it, the client's TLS stream)
+async fn tls_pair() -> (ClientStream, tokio_rustls::client::TlsStream<TcpStream>) {
+    let (cert, key) = certs();
+    let server = rustls::ServerConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(vec![cert.clone()], key)
+        .unwrap();
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(cert).unwrap();
+    let client = rustls::ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let sock = TcpSocket::new_v4().unwrap();
+    sock.set_recv_buffer_size(4096).unwrap();
+    let connect = sock.connect(l.local_addr().unwrap());
+    let (tcp, accepted) = tokio::join!(connect, l.accept());
+    let (accepted, _) = accepted.unwrap();
+    // A tiny send buffer: rustls output meets a full socket on nearly every write.
+    socket2::SockRef::from(&accepted)
+        .set_send_buffer_size(4096)
+        .unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(server));
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(client));
+    let name = ServerName::try_from("127.0.0.1").unwrap();
+    let (s, c) = tokio::join!(
+        acceptor.accept(accepted),
+        connector.connect(name, tcp.unwrap())
+    );
+    (ClientStream::Tls(Box::new(s.unwrap())), c.unwrap())
+}
+
+fn msg(tag: u8, body: &[u8]) -> Vec<u8> {
+    let mut m = vec![tag];
+    m.extend_from_slice(&(body.len() as i32 + 4).to_be_bytes());
+    m.extend_from_slice(body);
+    m
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn output_held_by_rustls_is_flushed_before_the_relay_goes_idle() {
+    let (mut proxy_side, mut client) = tls_pair().await;
+    let upstream = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = upstream.local_addr().unwrap();
+    let (to_server, accepted) = tokio::join!(TcpStream::connect(addr), upstream.accept());
+    let mut fake_pg = accepted.unwrap().0;
+    let mut server = ServerConn::new(1, ServerStream::Plain(to_server.unwrap()), addr, 1, 1);
+
+    // The fake server answers one Query with 2 MB of rows, CommandComplete and ReadyForQuery.
+    let pg = tokio::spawn(async move {
+        let mut q = [0u8; 5];
+        fake_pg.read_exact(&mut q).await.unwrap();
+        let len = i32::from_be_bytes([q[1], q[2], q[3], q[4]]) as usize;
+        let mut rest = vec![0u8; len - 4];
+        fake_pg.read_exact(&mut rest).await.unwrap();
+        let row = msg(b'D', &[b'x'; 2000]);
+        let mut out = Vec::new();
+        for _ in 0..1000 {
+            out.extend_from_slice(&row);
+        }
+        out.extend(msg(b'C', b"SELECT 1000\0"));
+        out.extend(msg(b'Z', b"I"));
+        fake_pg.write_all(&out).await.unwrap();
+        fake_pg
+    });
+    let reader = tokio::spawn(async move {
+        client.write_all(&msg(b'Q', b"SELECT\0")).await.unwrap();
+        client.flush().await.unwrap();
+        // Read slowly, so the proxy's socket stays full.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let mut got = Vec::new();
+        let mut buf = [0u8; 4096];
+        while !got.ends_with(&msg(b'Z', b"I")) {
+            let n = client.read(&mut buf).await.unwrap();
+            assert!(n > 0, "proxy closed");
+            got.extend_from_slice(&buf[..n]);
+            tokio::time::sleep(Duration::from_micros(200)).await;
+        }
+        got.len()
+    });
+    let mut st = RelayState::new();
+    // As the session does while idle: readiness, then a read that does not wait.
+    loop {
+        proxy_side.readable().await.unwrap();
+        let _ = st.c2s.spare();
+        let from = st.c2s.end;
+        match proxy_side.try_read(st.c2s.spare()) {
+            Ok(n) => {
+                assert!(n > 0, "client closed");
+                st.c2s.end += n;
+                st.scan_client(from).unwrap();
+                break;
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+            Err(e) => panic!("{e}"),
+        }
+    }
+    assert!(st.has_client_work());
+    let ev = tokio::time::timeout(
+        Duration::from_secs(30),
+        relay(&mut proxy_side, &mut server, &mut st),
+    )
+    .await
+    .expect("relay never went idle");
+    assert!(matches!(ev, RelayEvent::Idle), "{ev:?}");
+    // Idle like a session waiting for its client's next query: nothing polls the stream.
+    let got = tokio::time::timeout(Duration::from_secs(20), reader)
+        .await
+        .expect("the client never received the end of the result")
+        .unwrap();
+    assert_eq!(got, 1000 * 2005 + 17 + 6);
+    drop(pg.await.unwrap());
+    drop(proxy_side);
+}
