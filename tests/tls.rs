@@ -19,6 +19,17 @@ use tokio_postgres::error::SqlState;
 
 const LIMIT: Duration = Duration::from_secs(30);
 
+/// The error of a connect that must fail.
+fn refused(
+    r: Result<tokio_postgres::Client, tokio_postgres::Error>,
+    what: &str,
+) -> tokio_postgres::Error {
+    match r {
+        Ok(_) => panic!("{what}"),
+        Err(e) => e,
+    }
+}
+
 /// The server's message of a failed connect (tokio-postgres displays only "db error").
 fn db_message(e: &tokio_postgres::Error) -> String {
     e.as_db_error()

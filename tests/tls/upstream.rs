@@ -3,7 +3,7 @@
 
 use super::common::{connect, try_connect, HostAuth, TestProxy};
 use super::pki::{write, Ca};
-use super::{db_message, ssl_cluster};
+use super::{db_message, refused, ssl_cluster};
 use pgsluice::auth::{upstream_startup_bound, Binding, UpstreamAuth, UpstreamAuthError};
 use pgsluice::config::Upstream;
 use pgsluice::tls::upstream::UpstreamTls;
@@ -30,10 +30,10 @@ async fn upstream_tls_in_each_sslmode() {
 
     // The cluster refuses plaintext, so a working session proves TLS upstream.
     let proxy = TestProxy::start_upstream(&format!("{base}?sslmode=disable"), &[]).await;
-    let err = try_connect(&proxy.url())
-        .await
-        .err()
-        .expect("plaintext upstream accepted");
+    let err = refused(
+        try_connect(&proxy.url()).await,
+        "plaintext upstream accepted",
+    );
     assert!(db_message(&err).contains("no pg_hba.conf entry"), "{err:?}");
     proxy.shutdown().await;
 
@@ -63,10 +63,7 @@ async fn upstream_tls_in_each_sslmode() {
         &[],
     )
     .await;
-    let err = try_connect(&proxy.url())
-        .await
-        .err()
-        .expect("wrong name accepted");
+    let err = refused(try_connect(&proxy.url()).await, "wrong name accepted");
     let db = err.as_db_error().expect("an error from the proxy");
     assert_eq!(
         db.code(),
@@ -92,10 +89,7 @@ async fn upstream_tls_in_each_sslmode() {
         &[],
     )
     .await;
-    let err = try_connect(&proxy.url())
-        .await
-        .err()
-        .expect("foreign CA accepted");
+    let err = refused(try_connect(&proxy.url()).await, "foreign CA accepted");
     let db = err.as_db_error().expect("an error from the proxy");
     assert_eq!(
         db.code(),
@@ -203,10 +197,7 @@ async fn channel_binding_require_refuses_a_server_without_it() {
         "{e}"
     );
     let proxy = TestProxy::start_upstream(&url, &[]).await;
-    let err = try_connect(&proxy.url())
-        .await
-        .err()
-        .expect("accepted without binding");
+    let err = refused(try_connect(&proxy.url()).await, "accepted without binding");
     assert!(
         db_message(&err).contains("channel_binding=require"),
         "{err:?}"
