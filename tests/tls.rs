@@ -88,6 +88,22 @@ async fn psql_require_and_verify_full_through_the_proxy() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn without_a_certificate_tls_is_declined() {
+    let pg = cluster().await;
+    let proxy = TestProxy::start(&pg, &[]).await;
+    let o = psql(proxy.port(), "sslmode=require", "SELECT 1").await;
+    assert!(!o.status.success());
+    assert!(
+        stderr(&o).contains("server does not support SSL"),
+        "{}",
+        stderr(&o)
+    );
+    let o = psql(proxy.port(), "sslmode=prefer", "SELECT 1").await;
+    assert_eq!(ok(&o).trim(), "1");
+    proxy.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn require_mode_refuses_plaintext_with_28000() {
     let pg = cluster().await;
     let t = TlsSetup::new();

@@ -138,3 +138,17 @@ async fn output_held_by_rustls_is_flushed_before_the_relay_goes_idle() {
     drop(pg.await.unwrap());
     drop(proxy_side);
 }
+
+#[test]
+fn a_plain_client_stream_is_no_larger_than_before() {
+    // The session keeps one per client, idle ones included.
+    println!(
+        "ClientStream {} bytes, TcpStream {} bytes",
+        std::mem::size_of::<ClientStream>(),
+        std::mem::size_of::<TcpStream>()
+    );
+    assert_eq!(
+        std::mem::size_of::<ClientStream>(),
+        std::mem::size_of::<TcpStream>()
+    );
+}
