@@ -72,7 +72,9 @@ pub async fn open(
                 }
                 // Whatever follows 'S' is read by rustls, so plaintext sent ahead of the
                 // handshake cannot pass as protected.
-                match timeout_at(deadline, acceptor.accept(tcp)).await {
+                // Boxed: the handshake state is large and would otherwise enlarge every
+                // session's future, plaintext ones included.
+                match timeout_at(deadline, Box::pin(acceptor.accept(tcp))).await {
                     Ok(Ok(s)) => client = ClientStream::Tls(Box::new(s)),
                     Ok(Err(e)) => {
                         debug!(error = %e, "client TLS handshake failed");

@@ -152,3 +152,26 @@ fn a_plain_client_stream_is_no_larger_than_before() {
         std::mem::size_of::<TcpStream>()
     );
 }
+
+/// The session task's future is allocated for every client, idle ones included.
+#[tokio::test]
+async fn session_future_size() {
+    let cfg = crate::config::Config::from_args([
+        "pgsluice",
+        "--listen",
+        "127.0.0.1:0",
+        "--admin-listen",
+        "off",
+        "--upstream",
+        "postgres://127.0.0.1:1/x",
+    ])
+    .unwrap();
+    let handle = crate::server::start(cfg).await.unwrap();
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let (_c, s) = tokio::join!(TcpStream::connect(l.local_addr().unwrap()), l.accept());
+    let fut = crate::session::run(s.unwrap().0, handle.shared().clone());
+    let size = std::mem::size_of_val(&fut);
+    println!("session future: {size} bytes");
+    // 4,160 bytes before TLS; the TLS handshake state is boxed so it does not add to it.
+    assert!(size <= 4160, "session future grew to {size} bytes");
+}
