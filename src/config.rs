@@ -391,23 +391,13 @@ impl Config {
         let opt = |d: Duration| (!d.is_zero()).then_some(d);
         let (tls_cert, tls_key, tls_client_ca) =
             (pick!(tls_cert), pick!(tls_key), pick!(tls_client_ca));
-        let tls_mode = pick!(tls_mode).unwrap_or(if tls_cert.is_some() {
-            TlsMode::Allow
-        } else {
-            TlsMode::Disable
-        });
-        if tls_cert.is_some() != tls_key.is_some() {
-            bail!("--tls-cert and --tls-key go together");
-        }
-        if tls_mode != TlsMode::Disable && tls_cert.is_none() {
-            bail!(
-                "--tls-mode {}: needs --tls-cert and --tls-key",
-                tls_mode.as_str()
-            );
-        }
-        if tls_client_ca.is_some() && tls_cert.is_none() {
-            bail!("--tls-client-ca needs --tls-cert and --tls-key");
-        }
+        let tls_mode = crate::tls::params::client_mode(
+            tls_cert.is_some(),
+            tls_key.is_some(),
+            tls_client_ca.is_some(),
+            pick!(tls_mode),
+        )
+        .map_err(anyhow::Error::msg)?;
         let cfg = Config {
             listen,
             upstream,
@@ -572,27 +562,6 @@ mod tests {
             .to_string();
         assert!(e.contains("sslmode=sometimes"), "{e}");
         assert!(Upstream::parse("postgres://h/db?channel_binding=require").is_err());
-    }
-
-    #[test]
-    fn tls_flags_are_validated() {
-        let c = cfg(&[]).unwrap();
-        assert_eq!(c.tls_mode, TlsMode::Disable);
-        let c = cfg(&["--tls-cert", "/c.pem", "--tls-key", "/k.pem"]).unwrap();
-        assert_eq!(c.tls_mode, TlsMode::Allow);
-        let e = cfg(&["--tls-mode", "require"]).unwrap_err().to_string();
-        assert!(
-            e.contains("--tls-mode require") && e.contains("--tls-cert"),
-            "{e}"
-        );
-        let e = cfg(&["--tls-cert", "/c.pem"]).unwrap_err().to_string();
-        assert!(e.contains("--tls-key"), "{e}");
-        assert!(cfg(&["--tls-client-ca", "/ca.pem"]).is_err());
-        let c = Config::from_toml_str(
-            "tls-cert = \"/c.pem\"\ntls_key = \"/k.pem\"\ntls-mode = \"require\"\n",
-        )
-        .unwrap();
-        assert_eq!(c.tls_mode, TlsMode::Require);
     }
 
     #[test]

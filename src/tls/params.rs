@@ -95,3 +95,64 @@ impl ChannelBindingMode {
         })
     }
 }
+
+/// The client-side `--tls-mode` after its default (allow with a certificate, else disable),
+/// checked against the files given.
+pub fn client_mode(
+    cert: bool,
+    key: bool,
+    client_ca: bool,
+    mode: Option<TlsMode>,
+) -> Result<TlsMode, String> {
+    let mode = mode.unwrap_or(if cert {
+        TlsMode::Allow
+    } else {
+        TlsMode::Disable
+    });
+    if cert != key {
+        return Err("--tls-cert and --tls-key go together".into());
+    }
+    if mode != TlsMode::Disable && !cert {
+        return Err(format!(
+            "--tls-mode {}: needs --tls-cert and --tls-key",
+            mode.as_str()
+        ));
+    }
+    if client_ca && !cert {
+        return Err("--tls-client-ca needs --tls-cert and --tls-key".into());
+    }
+    Ok(mode)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+
+    fn cfg(args: &[&str]) -> anyhow::Result<Config> {
+        let mut v = vec!["pgsluice"];
+        v.extend_from_slice(args);
+        Config::from_args(v)
+    }
+
+    #[test]
+    fn tls_flags_are_validated() {
+        let c = cfg(&[]).unwrap();
+        assert_eq!(c.tls_mode, TlsMode::Disable);
+        let c = cfg(&["--tls-cert", "/c.pem", "--tls-key", "/k.pem"]).unwrap();
+        assert_eq!(c.tls_mode, TlsMode::Allow);
+        let e = cfg(&["--tls-mode", "require"]).unwrap_err().to_string();
+        assert!(
+            e.contains("--tls-mode require") && e.contains("--tls-cert"),
+            "{e}"
+        );
+        let e = cfg(&["--tls-cert", "/c.pem"]).unwrap_err().to_string();
+        assert!(e.contains("--tls-key"), "{e}");
+        assert!(cfg(&["--tls-client-ca", "/ca.pem"]).is_err());
+        let c = Config::from_toml_str(
+            "tls-cert = \"/c.pem\"\ntls_key = \"/k.pem\"\ntls-mode = \"require\"\n",
+        )
+        .unwrap();
+        assert_eq!(c.tls_mode, TlsMode::Require);
+    }
+}
