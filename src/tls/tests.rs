@@ -20,8 +20,13 @@ fn certs() -> (CertificateDer<'static>, PrivateKeyDer<'static>) {
     (cert.der().clone(), key)
 }
 
-/// (proxy side as the session sees it, the client's TLS stream)
-async fn tls_pair() -> (ClientStream, tokio_rustls::client::TlsStream<TcpStream>) {
+type Acceptor = tokio_rustls::server::TlsStream<TcpStream>;
+type Connector = tokio_rustls::client::TlsStream<TcpStream>;
+
+/// A TLS connection over loopback whose proxy end (the accepting end when `proxy_accepts`)
+/// has a tiny send buffer and whose other end a tiny receive buffer, so rustls output meets
+/// a full socket on nearly every write.
+async fn tls_pair(proxy_accepts: bool) -> (Acceptor, Connector) {
     let (cert, key) = certs();
     let server = rustls::ServerConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()
@@ -38,14 +43,20 @@ async fn tls_pair() -> (ClientStream, tokio_rustls::client::TlsStream<TcpStream>
         .with_no_client_auth();
     let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let sock = TcpSocket::new_v4().unwrap();
-    sock.set_recv_buffer_size(4096).unwrap();
+    if proxy_accepts {
+        sock.set_recv_buffer_size(4096).unwrap();
+    } else {
+        sock.set_send_buffer_size(4096).unwrap();
+    }
     let connect = sock.connect(l.local_addr().unwrap());
     let (tcp, accepted) = tokio::join!(connect, l.accept());
     let (accepted, _) = accepted.unwrap();
-    // A tiny send buffer: rustls output meets a full socket on nearly every write.
-    socket2::SockRef::from(&accepted)
-        .set_send_buffer_size(4096)
-        .unwrap();
+    let accepted_ref = socket2::SockRef::from(&accepted);
+    if proxy_accepts {
+        accepted_ref.set_send_buffer_size(4096).unwrap();
+    } else {
+        accepted_ref.set_recv_buffer_size(4096).unwrap();
+    }
     let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(server));
     let connector = tokio_rustls::TlsConnector::from(Arc::new(client));
     let name = ServerName::try_from("127.0.0.1").unwrap();
@@ -53,7 +64,27 @@ async fn tls_pair() -> (ClientStream, tokio_rustls::client::TlsStream<TcpStream>
         acceptor.accept(accepted),
         connector.connect(name, tcp.unwrap())
     );
-    (ClientStream::Tls(Box::new(s.unwrap())), c.unwrap())
+    (s.unwrap(), c.unwrap())
+}
+
+/// Reads the client's first bytes into the relay state, as an idle session does:
+/// readiness, then a read that does not wait.
+async fn read_first(client: &mut ClientStream, st: &mut RelayState) {
+    loop {
+        client.readable().await.unwrap();
+        let _ = st.c2s.spare();
+        let from = st.c2s.end;
+        match client.try_read(st.c2s.spare()) {
+            Ok(n) => {
+                assert!(n > 0, "client closed");
+                st.c2s.end += n;
+                st.scan_client(from).unwrap();
+                return;
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+            Err(e) => panic!("{e}"),
+        }
+    }
 }
 
 fn msg(tag: u8, body: &[u8]) -> Vec<u8> {
@@ -65,7 +96,8 @@ fn msg(tag: u8, body: &[u8]) -> Vec<u8> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn output_held_by_rustls_is_flushed_before_the_relay_goes_idle() {
-    let (mut proxy_side, mut client) = tls_pair().await;
+    let (accepted, mut client) = tls_pair(true).await;
+    let mut proxy_side = ClientStream::Tls(Box::new(accepted));
     let upstream = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = upstream.local_addr().unwrap();
     let (to_server, accepted) = tokio::join!(TcpStream::connect(addr), upstream.accept());
@@ -105,22 +137,7 @@ async fn output_held_by_rustls_is_flushed_before_the_relay_goes_idle() {
         got.len()
     });
     let mut st = RelayState::new();
-    // As the session does while idle: readiness, then a read that does not wait.
-    loop {
-        proxy_side.readable().await.unwrap();
-        let _ = st.c2s.spare();
-        let from = st.c2s.end;
-        match proxy_side.try_read(st.c2s.spare()) {
-            Ok(n) => {
-                assert!(n > 0, "client closed");
-                st.c2s.end += n;
-                st.scan_client(from).unwrap();
-                break;
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
-            Err(e) => panic!("{e}"),
-        }
-    }
+    read_first(&mut proxy_side, &mut st).await;
     assert!(st.has_client_work());
     let ev = tokio::time::timeout(
         Duration::from_secs(30),
@@ -137,6 +154,60 @@ async fn output_held_by_rustls_is_flushed_before_the_relay_goes_idle() {
     assert_eq!(got, 1000 * 2005 + 17 + 6);
     drop(pg.await.unwrap());
     drop(proxy_side);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn output_held_by_rustls_reaches_a_tls_upstream() {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let (app, accepted) = tokio::join!(TcpStream::connect(l.local_addr().unwrap()), l.accept());
+    let mut app = app.unwrap();
+    let mut proxy_side = ClientStream::Plain(accepted.unwrap().0);
+    let (mut fake_pg, to_pg) = tls_pair(false).await;
+    let addr = l.local_addr().unwrap();
+    let mut server = ServerConn::new(1, ServerStream::Tls(Box::new(to_pg)), addr, 1, 1);
+    // Small buffers make this slow (delayed ACKs), so a few times rustls' 64 KiB is enough.
+    let sql = vec![b'x'; 300_000];
+    let mut query = sql.clone();
+    query.push(0);
+    let query = msg(b'Q', &query);
+    let expect = query.len();
+    // The fake server reads the whole Query slowly, then answers it.
+    let pg = tokio::spawn(async move {
+        let mut got = 0;
+        let mut buf = [0u8; 4096];
+        while got < expect {
+            let n = fake_pg.read(&mut buf).await.unwrap();
+            assert!(n > 0, "proxy closed");
+            got += n;
+            tokio::time::sleep(Duration::from_micros(200)).await;
+        }
+        let mut out = msg(b'C', b"SELECT 0\0");
+        out.extend(msg(b'Z', b"I"));
+        fake_pg.write_all(&out).await.unwrap();
+        fake_pg.flush().await.unwrap();
+        fake_pg
+    });
+    let writer = tokio::spawn(async move {
+        app.write_all(&query).await.unwrap();
+        let mut answer = vec![0u8; 14 + 6];
+        app.read_exact(&mut answer).await.unwrap();
+        answer
+    });
+    let mut st = RelayState::new();
+    read_first(&mut proxy_side, &mut st).await;
+    let ev = tokio::time::timeout(
+        Duration::from_secs(30),
+        relay(&mut proxy_side, &mut server, &mut st),
+    )
+    .await
+    .expect("the upstream never received the whole query");
+    assert!(matches!(ev, RelayEvent::Idle), "{ev:?}");
+    let answer = tokio::time::timeout(Duration::from_secs(10), writer)
+        .await
+        .expect("no answer")
+        .unwrap();
+    assert!(answer.ends_with(&msg(b'Z', b"I")));
+    drop(pg.await.unwrap());
 }
 
 #[test]
