@@ -44,6 +44,19 @@ async fn upstream_tls_in_each_sslmode() {
     ] {
         let proxy = TestProxy::start_upstream(&format!("{base}?sslmode={mode}"), &[]).await;
         assert!(server_uses_ssl(&proxy).await, "sslmode={mode}");
+        // The health check logs in over TLS too: the proxy becomes ready.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            let (status, body) = proxy.http_get("/readyz").await;
+            if status == 200 {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "sslmode={mode}: /readyz {status} {body}"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
         proxy.shutdown().await;
     }
     let full = format!(
