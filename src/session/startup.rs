@@ -13,6 +13,8 @@ pub struct StartupInfo {
     pub user: String,
     pub database: String,
     pub application_name: Option<String>,
+    /// Tracked session parameters from the startup packet: (index, value) as sent.
+    pub params: Vec<(usize, String)>,
 }
 
 pub enum Startup {
@@ -62,10 +64,13 @@ pub async fn read_startup(
                         "pgsluice: replication connections are not supported".into(),
                     ));
                 }
+                let tracked =
+                    super::params::from_startup(&params).map_err(|(c, m)| Refusal(c, m))?;
                 return Ok(Startup::Session(StartupInfo {
                     user: user.to_string(),
                     database: get("database").unwrap_or(user).to_string(),
                     application_name: get("application_name").map(str::to_string),
+                    params: tracked,
                 }));
             }
         }
