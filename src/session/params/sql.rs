@@ -144,10 +144,12 @@ pub fn validate_sql(pairs: &[(usize, &str)]) -> String {
     out
 }
 
-/// Every tracked parameter's value and its connection default.
+/// Every tracked parameter's value and its connection default. Names are schema-qualified:
+/// the client's own search_path is in force.
 pub fn read_back_sql() -> String {
     let mut out = String::from(
-        "SELECT name, setting, reset_val FROM pg_catalog.pg_settings WHERE lower(name) IN (",
+        "SELECT name, setting, reset_val FROM pg_catalog.pg_settings \
+         WHERE pg_catalog.lower(name) OPERATOR(pg_catalog.=) ANY (ARRAY[",
     );
     for (n, t) in TRACKED.iter().enumerate() {
         if n > 0 {
@@ -157,7 +159,7 @@ pub fn read_back_sql() -> String {
         out.push_str(&t.to_ascii_lowercase());
         out.push('\'');
     }
-    out.push(')');
+    out.push_str("])");
     out
 }
 
