@@ -137,13 +137,21 @@ impl Raw {
         out
     }
 
+    /// Sends simple queries, one message each, in one write, without waiting for answers.
+    async fn send(&mut self, sqls: &[&str]) {
+        let mut m = Vec::new();
+        for sql in sqls {
+            m.push(b'Q');
+            m.extend_from_slice(&((sql.len() + 5) as i32).to_be_bytes());
+            m.extend_from_slice(sql.as_bytes());
+            m.push(0);
+        }
+        self.s.write_all(&m).await.expect("send query");
+    }
+
     /// First column of the first row of a simple query, or its error.
     async fn query(&mut self, sql: &str) -> Result<String, PgError> {
-        let mut m = vec![b'Q'];
-        m.extend_from_slice(&((sql.len() + 5) as i32).to_be_bytes());
-        m.extend_from_slice(sql.as_bytes());
-        m.push(0);
-        self.s.write_all(&m).await.expect("send query");
+        self.send(&[sql]).await;
         let mut first = None;
         for (tag, body) in self.until_ready().await {
             match tag {
@@ -460,5 +468,45 @@ async fn nothing_is_injected_when_states_match() {
             assert_eq!(injected, 0, "{apps:?}: {injected} injected");
         }
     }
+    proxy.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_leaving_mid_batch_leaves_no_setting_behind() {
+    let pg = cluster().await;
+    let def = defaults(&pg).await;
+    let direct = pg.client().await;
+    let proxy = TestProxy::start(&pg, &txn_proxy_flags()).await;
+    let mut a = Raw::connect(proxy.addr(), &[]).await.expect("startup");
+    let a_pid = a.query("SELECT pg_backend_pid()").await.unwrap();
+    // Pipelined: the SET commits on its own and the client leaves while the next query
+    // runs, before the proxy could have read the setting back.
+    a.send(&[
+        "SET search_path = left_behind",
+        "SELECT pg_sleep(30) /* leaving-mid-batch */",
+    ])
+    .await;
+    let t0 = std::time::Instant::now();
+    loop {
+        let running = show(
+            &direct,
+            "SELECT count(*) FROM pg_stat_activity WHERE query LIKE '%leaving-mid-batch */' \
+             AND pid <> pg_backend_pid()",
+        )
+        .await;
+        if running == "1" {
+            break;
+        }
+        assert!(t0.elapsed() < T, "the sleep never started");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    drop(a);
+    let b = proxy.client().await;
+    assert_eq!(show(&b, "SHOW search_path").await, def["search_path"]);
+    assert_eq!(
+        pid(&b).await,
+        a_pid,
+        "B runs on the server connection A left"
+    );
     proxy.shutdown().await;
 }

@@ -120,8 +120,9 @@ impl Tracker {
             return;
         }
         let Some(body) = body.or_else(|| whole.map(|w| &w[5.min(w.len())..])) else {
-            // A large message spread over several reads: assume the worst.
-            self.mark(Hit::Reset);
+            // A large message spread over several reads: read values back to be sure
+            // (not counted as a RESET, which would bring startup values back).
+            self.mark(Hit::Set);
             return;
         };
         match tag {
