@@ -57,11 +57,13 @@ async fn wait_not_running(
     None
 }
 
-/// Server connections the proxy keeps (its pool sets application_name = pgsluice).
+/// Server connections the proxy keeps: every client backend but this one and health
+/// checks (a pooled connection carries its last client's application_name).
 async fn proxy_backends(direct: &tokio_postgres::Client) -> i64 {
     direct
         .query_one(
-            "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'pgsluice'",
+            "SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'client backend' \
+             AND pid <> pg_backend_pid() AND application_name <> 'pgsluice-health'",
             &[],
         )
         .await

@@ -1,8 +1,10 @@
 //! What one client can leave behind on a pooled server connection, and what the next
 //! client on that same connection sees. Transaction state and uncommitted data must never
 //! leak; in session mode nothing may leak (the proxy runs DISCARD ALL). In transaction mode
-//! session-level state (SET, PREPARE, LISTEN, temp tables) can reach the next client: that is
-//! the documented hazard of transaction pooling, recorded here rather than asserted away.
+//! the tracked session parameters (search_path, TimeZone, statement_timeout, ...) follow
+//! their client and must not leak either; other session-level state (untracked settings
+//! such as work_mem, PREPARE, LISTEN, temp tables) can reach the next client: that is the
+//! documented hazard of transaction pooling, recorded here rather than asserted away.
 
 mod common;
 
@@ -127,6 +129,30 @@ async fn transaction_mode_never_leaks_transaction_state() {
     assert_clean_tx(&b, "mid-COPY").await;
     drop(b);
 
+    // Tracked settings stay with their client; untracked ones are recorded, not asserted.
+    let default_path = scalar(&proxy.client().await, "SHOW search_path").await;
+    let b = after_a(&proxy, "SET", async |a| {
+        a.batch_execute(
+            "SET search_path = a_only; SET TimeZone = 'Asia/Tokyo'; SET work_mem = '7777kB'",
+        )
+        .await
+        .unwrap();
+    })
+    .await;
+    assert_eq!(
+        scalar(&b, "SHOW search_path").await,
+        default_path,
+        "search_path leaked"
+    );
+    assert_ne!(
+        scalar(&b, "SHOW TimeZone").await.as_deref(),
+        Some("Asia/Tokyo"),
+        "TimeZone leaked"
+    );
+    let work_mem = scalar(&b, "SHOW work_mem").await;
+    assert_clean_tx(&b, "SET").await;
+    drop(b);
+
     // Session-level state: recorded, not asserted (transaction pooling does not reset it).
     let b = after_a(&proxy, "PREPARE", async |a| {
         a.batch_execute("PREPARE p AS SELECT 1").await.unwrap();
@@ -152,8 +178,8 @@ async fn transaction_mode_never_leaks_transaction_state() {
     let temp = scalar(&b, "SELECT count(*) FROM pg_class WHERE relname = 'tmp_a'").await;
     assert_clean_tx(&b, "TEMP TABLE").await;
     eprintln!(
-        "transaction mode, seen by B: EXECUTE p -> {prepared:?}, listening channels -> {listening:?}, \
-         A's temp table -> {temp:?}"
+        "transaction mode, seen by B: work_mem -> {work_mem:?}, EXECUTE p -> {prepared:?}, \
+         listening channels -> {listening:?}, A's temp table -> {temp:?}"
     );
     drop(b);
     proxy.shutdown().await;

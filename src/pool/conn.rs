@@ -16,6 +16,8 @@ pub struct ServerConn {
     pub broken: bool,
     /// Statements prepared here on behalf of clients (transaction pooling).
     pub prepared: crate::session::prepared::ServerStatements,
+    /// Session parameters the proxy applied here (transaction pooling).
+    pub params: crate::session::params::ParamSet,
 }
 
 impl ServerConn {
@@ -29,6 +31,7 @@ impl ServerConn {
             created: Instant::now(),
             broken: false,
             prepared: Default::default(),
+            params: Default::default(),
         }
     }
 }

@@ -183,6 +183,7 @@ impl Session {
                     .await;
                 self.shared.guard.record_success();
                 self.shared.observe_query(&self.pool, outcome, t0.elapsed());
+                self.params_after_batch().await;
                 drop(permit);
                 self.after_idle();
                 true
@@ -335,6 +336,11 @@ impl Session {
             if session_mode {
                 relay::run_internal(&mut server, st, "DISCARD ALL").await?;
                 server.prepared.clear();
+                server.params = Default::default();
+            } else if st.params.unsettled() {
+                // The departed client may have changed a tracked setting mid-batch.
+                relay::run_internal(&mut server, st, "RESET ALL").await?;
+                server.params = Default::default();
             }
             Ok::<_, std::io::Error>(())
         };

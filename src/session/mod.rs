@@ -4,6 +4,7 @@
 
 pub mod bufpool;
 mod flow;
+pub mod params;
 pub mod prepared;
 pub mod relay;
 pub mod startup;
@@ -119,25 +120,34 @@ impl Session {
     /// Sends AuthenticationOk, the server's parameters, our BackendKeyData and ReadyForQuery.
     async fn greet(&mut self) -> Result<(), Refusal> {
         let mut params = self.pool.server_params();
-        if params.is_empty() || self.cfg.pool_mode == PoolMode::Session {
-            // First client of this pool (or session mode): log in upstream now, so a bad
-            // database or user is reported at connect time as PostgreSQL would.
-            let server = self
+        let check = params::needs_check(&self.info.params);
+        let mut canonical = None;
+        if params.is_empty() || self.cfg.pool_mode == PoolMode::Session || check {
+            // First client of this pool (or session mode, or startup values to check): log
+            // in upstream now, so a bad database, user or setting is reported at connect
+            // time as PostgreSQL would.
+            let mut server = self
                 .pool
                 .get(self.cfg.connect_timeout)
                 .await
                 .map_err(pool_refusal)?;
+            canonical = Some(params::resolve(Some(&mut server), &self.info.params).await?);
             params = self.pool.server_params();
             if self.cfg.pool_mode == PoolMode::Session {
                 self.server = Some(server);
             }
         }
+        let canonical = match canonical {
+            Some(c) => c,
+            None => params::resolve(None, &self.info.params).await?,
+        };
+        self.start_params(&canonical, &params);
         let mut b = BytesMut::with_capacity(512);
         protocol::auth_ok(&mut b);
         for (k, v) in &params {
             let v = match k.as_str() {
                 "application_name" => self.info.application_name.as_deref().unwrap_or(""),
-                _ => v.as_str(),
+                _ => self.st.params.startup_value(k).unwrap_or(v.as_str()),
             };
             protocol::parameter_status(&mut b, k, v);
         }
@@ -232,6 +242,7 @@ impl Session {
                     }
                 }
             }
+            self.sync_params();
             if !self.run_query(permit).await {
                 return;
             }

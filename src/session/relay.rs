@@ -4,6 +4,7 @@
 //! ReadyForQuery and its transaction status, Terminate, fatal server errors.
 
 use super::bufpool::Buf;
+use super::params::Tracker;
 use super::prepared::{self, ClientStatements, Expectations, ServerStatements, Verdict};
 use crate::pool::ServerConn;
 use crate::protocol::{self, FrameScanner, ProtocolError};
@@ -38,7 +39,7 @@ pub struct RelayState {
     pub cscan: FrameScanner,
     pub sscan: FrameScanner,
     /// Offsets in `c2s` just past each unsent batch-ending message (Query, Sync, FunctionCall).
-    ends: VecDeque<usize>,
+    pub(super) ends: VecDeque<usize>,
     /// Forwarded batch ends still waiting for their ReadyForQuery.
     pub pending: usize,
     /// A non-ending extended-protocol message was seen after the last batch end.
@@ -66,12 +67,14 @@ pub struct RelayState {
     /// Most statements kept prepared per server connection.
     pub stmt_cap: usize,
     /// Client bytes before this offset are rewritten and may be forwarded.
-    rw_pos: usize,
+    pub(super) rw_pos: usize,
     /// Bytes left of a message being passed through unexamined.
-    rw_stream: usize,
+    pub(super) rw_stream: usize,
     pub stmts: ClientStatements,
     pub expect: Expectations,
     scratch: Vec<u8>,
+    /// Session parameters: tracked values, responses of injected queries to remove.
+    pub params: Tracker,
 }
 
 impl Default for RelayState {
@@ -86,7 +89,7 @@ impl RelayState {
             c2s: Buf::new(),
             s2c: Buf::new(),
             cscan: FrameScanner::new(b""),
-            sscan: FrameScanner::new(b"ZE"),
+            sscan: FrameScanner::new(b"ZES"),
             ends: VecDeque::new(),
             pending: 0,
             open_batch: false,
@@ -106,6 +109,7 @@ impl RelayState {
             stmts: ClientStatements::default(),
             expect: Expectations::default(),
             scratch: Vec::new(),
+            params: Tracker::default(),
         }
     }
 
@@ -128,6 +132,10 @@ impl RelayState {
     /// End of what may be written to the client now: a ParseComplete or CloseComplete that
     /// may still have to be removed is held back until it is complete.
     fn s2c_limit(&self) -> usize {
+        if self.params.stripping() {
+            // Everything up to the injected query's ReadyForQuery is removed.
+            return self.s2c.end - self.sscan.partial_len().min(self.s2c.len());
+        }
         if self.rewrite_on
             && !self.expect.is_empty()
             && matches!(self.sscan.current_tag(), Some(b'1' | b'3'))
@@ -238,6 +246,7 @@ impl RelayState {
         let discarding = self.discarding;
         let ends = &mut self.ends;
         let open_batch = &mut self.open_batch;
+        let params = &mut self.params;
         let chunk = self.c2s.filled_from(from);
         let mut flow = |tag: u8, start: Option<usize>, end: usize| {
             let abs_end = from + end;
@@ -265,8 +274,13 @@ impl RelayState {
             }
             ControlFlow::Continue(())
         };
-        self.cscan
-            .scan(chunk, |ev| flow(ev.tag, ev.start, ev.end))?;
+        self.cscan.scan(chunk, |ev| {
+            if matches!(ev.tag, b'Q' | b'P' | b'B' | b'C') {
+                let whole = ev.start.map(|s| &chunk[s..ev.end]);
+                params.on_client_msg(ev.tag, ev.body, whole);
+            }
+            flow(ev.tag, ev.start, ev.end)
+        })?;
         if let Some(at) = cut_terminate {
             // Nothing after Terminate matters; never forward it (the server would close).
             self.c2s.end = at.max(self.c2s.pos);
@@ -326,6 +340,7 @@ impl RelayState {
         self.rw_pos = 0;
         self.rw_stream = 0;
         self.expect.clear();
+        self.params.abandon();
         owed
     }
 
@@ -359,9 +374,24 @@ impl RelayState {
             let fatal = &mut self.server_fatal;
             let saw_error = &mut self.saw_error;
             let expect = &mut self.expect;
+            let params = &mut self.params;
             let chunk = self.s2c.filled_from(at);
             let n = self.sscan.scan(chunk, |ev| {
+                if params.stripping() {
+                    // An answer to an injected query: never reaches the client.
+                    let (start, end) = params.strip_message(&ev, at, pending, status, fatal);
+                    if start >= pos {
+                        strip = Some((start, end));
+                        return ControlFlow::Break(());
+                    }
+                    return ControlFlow::Continue(());
+                }
                 match ev.tag {
+                    b'S' => {
+                        if let Some(body) = ev.body {
+                            params.on_status(body);
+                        }
+                    }
                     b'Z' => {
                         *pending = pending.saturating_sub(1);
                         if let Some(&[s]) = ev.body {

@@ -17,6 +17,8 @@ pub struct StartupInfo {
     pub user: String,
     pub database: String,
     pub application_name: Option<String>,
+    /// Tracked session parameters from the startup packet: (index, value) as sent.
+    pub params: Vec<(usize, String)>,
 }
 
 /// Error to send to the client before closing: (SQLSTATE, message).
@@ -137,10 +139,12 @@ fn startup_info(params: &[(String, String)]) -> Result<StartupInfo, Refusal> {
             "pgsluice: replication connections are not supported".into(),
         ));
     }
+    let tracked = super::params::from_startup(params).map_err(|(c, m)| Refusal(c, m))?;
     Ok(StartupInfo {
         user: user.to_string(),
         database: get("database").unwrap_or(user).to_string(),
         application_name: get("application_name").map(str::to_string),
+        params: tracked,
     })
 }
 

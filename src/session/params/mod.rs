@@ -1,0 +1,382 @@
+//! Session parameters under transaction pooling. A client's server connection changes
+//! between transactions, so the settings drivers rely on (startup parameters, `SET`) are
+//! kept per client and replayed: each client has a desired value for every tracked
+//! parameter, each server connection remembers what was applied to it, and when a batch is
+//! about to run on a server whose state differs, one injected simple Query (pipelined
+//! ahead of the batch, its responses removed from the stream) brings the server to the
+//! client's state. Values are learned from ParameterStatus (reported parameters) and, after
+//! a transaction that may have changed one (`SET`, `RESET`, `DISCARD`, `set_config`), from
+//! one read-back query once the transaction has ended.
+
+mod hooks;
+pub mod sql;
+
+pub use hooks::{needs_check, read_back, resolve};
+pub use sql::{from_startup, Hit};
+
+use crate::protocol::{self, ScanEvent};
+use std::sync::Arc;
+
+/// The tracked parameters, in PostgreSQL's spelling (names compare case-insensitively).
+pub const TRACKED: [&str; 14] = [
+    "application_name",
+    "client_encoding",
+    "DateStyle",
+    "IntervalStyle",
+    "TimeZone",
+    "extra_float_digits",
+    "search_path",
+    "statement_timeout",
+    "lock_timeout",
+    "idle_in_transaction_session_timeout",
+    "standard_conforming_strings",
+    "bytea_output",
+    "default_transaction_isolation",
+    "default_transaction_read_only",
+];
+
+pub const APPLICATION_NAME: usize = 0;
+
+/// Position of a tracked parameter.
+pub fn index(name: &str) -> Option<usize> {
+    TRACKED.iter().position(|t| t.eq_ignore_ascii_case(name))
+}
+
+/// One value per tracked parameter; `None` is the server connection's own default (what
+/// `RESET` gives on a pooled connection).
+#[derive(Clone, Default, Debug, PartialEq, Eq)]
+pub struct ParamSet(pub [Option<Arc<str>>; TRACKED.len()]);
+
+impl ParamSet {
+    pub fn get(&self, i: usize) -> Option<&str> {
+        self.0[i].as_deref()
+    }
+
+    pub fn set(&mut self, i: usize, v: Option<&str>) {
+        if self.get(i) != v {
+            self.0[i] = v.map(Arc::from);
+        }
+    }
+}
+
+/// How a client's parameters are handled.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Mode {
+    /// Nothing tracked or replayed.
+    #[default]
+    Off,
+    /// Startup values are applied to the client's (own) server; changes are not followed.
+    Session,
+    /// Startup values and changes are followed and replayed on every server.
+    Transaction,
+}
+
+/// One client's parameter state, kept with its relay state.
+#[derive(Default, Debug)]
+pub struct Tracker {
+    pub mode: Mode,
+    /// Validated startup values (what `RESET` returns to for this client).
+    startup: ParamSet,
+    /// What the client's session should look like now.
+    pub current: ParamSet,
+    /// A statement that may change a parameter ran: read values back when the
+    /// transaction is over.
+    dirty: bool,
+    /// That statement may have been a RESET (or DISCARD): startup values count again.
+    reset_seen: bool,
+    /// ParameterStatus changed `current` since the server was last settled.
+    changed: bool,
+    /// ReadyForQuery messages still owed for injected queries; everything up to and
+    /// including them is removed from the stream.
+    strip: u32,
+    /// An injected query failed.
+    sync_failed: bool,
+    /// Client statement names whose text may change a setting (extended protocol).
+    set_stmts: Vec<(Vec<u8>, Hit)>,
+}
+
+impl Tracker {
+    pub fn new(mode: Mode, startup: ParamSet) -> Self {
+        Tracker {
+            mode,
+            current: startup.clone(),
+            startup,
+            ..Default::default()
+        }
+    }
+
+    pub fn startup_value(&self, name: &str) -> Option<&str> {
+        index(name).and_then(|i| self.startup.get(i))
+    }
+
+    fn following(&self) -> bool {
+        self.mode == Mode::Transaction
+    }
+
+    /// A client Query, Parse, Bind or Close: `body` when captured, else `whole` (the
+    /// entire message, when it lies in one read).
+    pub fn on_client_msg(&mut self, tag: u8, body: Option<&[u8]>, whole: Option<&[u8]>) {
+        if !self.following() || matches!(tag, b'B' | b'C') && self.set_stmts.is_empty() {
+            return;
+        }
+        let Some(body) = body.or_else(|| whole.map(|w| &w[5.min(w.len())..])) else {
+            // A large message spread over several reads: read values back to be sure
+            // (not counted as a RESET, which would bring startup values back).
+            self.mark(Hit::Set);
+            return;
+        };
+        match tag {
+            b'Q' => self.mark(sql::classify(cstr(body).0)),
+            b'P' => {
+                let (name, rest) = cstr(body);
+                let hit = sql::classify(cstr(rest).0);
+                // A prepared SET changes settings each time it is executed.
+                self.set_stmts.retain(|(n, _)| n.as_slice() != name);
+                if hit != Hit::None {
+                    self.set_stmts.push((name.to_vec(), hit));
+                }
+                self.mark(hit);
+            }
+            b'B' => {
+                let name = cstr(cstr(body).1).0;
+                if let Some(&(_, hit)) = self.set_stmts.iter().find(|(n, _)| n.as_slice() == name) {
+                    self.mark(hit);
+                }
+            }
+            _ => {
+                if let Some((b'S', rest)) = body.split_first() {
+                    let name = cstr(rest).0;
+                    self.set_stmts.retain(|(n, _)| n.as_slice() != name);
+                }
+            }
+        }
+    }
+
+    fn mark(&mut self, hit: Hit) {
+        match hit {
+            Hit::None => {}
+            Hit::Set => self.dirty = true,
+            Hit::Reset => {
+                self.dirty = true;
+                self.reset_seen = true;
+            }
+        }
+    }
+
+    /// A ParameterStatus from the server during the client's batches.
+    pub fn on_status(&mut self, body: &[u8]) {
+        if !self.following() {
+            return;
+        }
+        let (name, rest) = cstr(body);
+        let value = cstr(rest).0;
+        let (Ok(name), Ok(value)) = (std::str::from_utf8(name), std::str::from_utf8(value)) else {
+            return;
+        };
+        if let Some(i) = index(name) {
+            if self.current.get(i) != Some(value) {
+                self.current.set(i, Some(value));
+                self.changed = true;
+            }
+        }
+    }
+
+    pub fn stripping(&self) -> bool {
+        self.strip > 0
+    }
+
+    /// An injected query is on its way to the server.
+    pub fn injected(&mut self) {
+        self.strip += 1;
+    }
+
+    /// A message answering an injected query, to be removed: keeps the relay's batch
+    /// count, transaction status and fatal flag right and returns the message's absolute
+    /// range (`at`: where the scanned chunk starts).
+    pub fn strip_message(
+        &mut self,
+        ev: &ScanEvent<'_>,
+        at: usize,
+        pending: &mut usize,
+        status: &mut u8,
+        fatal: &mut bool,
+    ) -> (usize, usize) {
+        match (ev.tag, ev.body) {
+            (b'Z', body) => {
+                self.strip = self.strip.saturating_sub(1);
+                *pending = pending.saturating_sub(1);
+                if let Some(&[s]) = body {
+                    *status = s;
+                }
+            }
+            (b'E', body) => {
+                self.sync_failed = true;
+                if let Some(body) = body {
+                    let f = protocol::parse_error_fields(body);
+                    *fatal |= f.severity == "FATAL" || f.severity == "PANIC";
+                }
+            }
+            _ => {}
+        }
+        let end = at + ev.end;
+        (end - (5 + ev.len), end)
+    }
+
+    pub fn take_sync_failed(&mut self) -> bool {
+        std::mem::take(&mut self.sync_failed)
+    }
+
+    /// The server was lost: nothing more will answer the injected queries.
+    pub fn abandon(&mut self) {
+        self.strip = 0;
+        self.sync_failed = false;
+    }
+
+    pub fn needs_read_back(&self) -> bool {
+        self.dirty
+    }
+
+    /// The server's state may differ from what the proxy recorded for it.
+    pub fn unsettled(&self) -> bool {
+        self.dirty || self.changed
+    }
+
+    /// The transaction ended without a read-back: the new state of the server, if it moved.
+    pub fn settle(&mut self) -> Option<ParamSet> {
+        std::mem::take(&mut self.changed).then(|| self.current.clone())
+    }
+
+    /// Takes the values read back from the server (`None` where it is at its default) and
+    /// returns them as the server's recorded state. After a RESET, a parameter found at
+    /// the server default returns to the client's startup value, as RESET does in
+    /// PostgreSQL; the next batch then applies it.
+    pub fn apply_read_back(&mut self, actual: ParamSet) -> ParamSet {
+        for i in 0..TRACKED.len() {
+            let v = match (actual.get(i), self.startup.get(i)) {
+                (None, Some(s)) if self.reset_seen => Some(s),
+                (a, _) => a,
+            };
+            self.current.set(i, v);
+        }
+        self.dirty = false;
+        self.reset_seen = false;
+        self.changed = false;
+        actual
+    }
+
+    /// A read-back failed: keep the best guess, stop asking.
+    pub fn forget_dirty(&mut self) {
+        self.dirty = false;
+        self.reset_seen = false;
+        self.changed = false;
+    }
+}
+
+/// Splits a NUL-terminated string off `buf` (all of it when there is no NUL).
+fn cstr(buf: &[u8]) -> (&[u8], &[u8]) {
+    match memchr::memchr(0, buf) {
+        Some(n) => (&buf[..n], &buf[n + 1..]),
+        None => (buf, &[]),
+    }
+}
+
+/// Startup values as a set: validated (`canonical`) values, except that one equal to what
+/// a fresh server connection reports anyway is left at the server default, so clients
+/// that send the usual values never cause anything to be injected.
+pub fn startup_set(canonical: &[(usize, String)], server: &[(String, String)]) -> ParamSet {
+    let mut set = ParamSet::default();
+    for (i, v) in canonical {
+        let same = server
+            .iter()
+            .any(|(k, sv)| k.eq_ignore_ascii_case(TRACKED[*i]) && sv == v);
+        set.set(*i, (!same).then_some(v.as_str()));
+    }
+    set
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn status(name: &str, value: &str) -> Vec<u8> {
+        format!("{name}\0{value}\0").into_bytes()
+    }
+
+    #[test]
+    fn parameter_status_updates_current_once() {
+        let mut t = Tracker::new(Mode::Transaction, ParamSet::default());
+        t.on_status(&status("TimeZone", "UTC"));
+        assert_eq!(t.current.get(index("timezone").unwrap()), Some("UTC"));
+        assert!(t.unsettled());
+        let s = t.settle().unwrap();
+        assert_eq!(s, t.current);
+        t.on_status(&status("TimeZone", "UTC"));
+        assert!(t.settle().is_none());
+        t.on_status(&status("server_version", "15"));
+        assert!(t.settle().is_none());
+    }
+
+    #[test]
+    fn session_mode_follows_nothing() {
+        let mut t = Tracker::new(Mode::Session, ParamSet::default());
+        t.on_status(&status("TimeZone", "UTC"));
+        t.on_client_msg(b'Q', Some(b"SET search_path = x\0"), None);
+        assert!(!t.unsettled());
+    }
+
+    #[test]
+    fn statements_mark_dirty() {
+        let mut t = Tracker::new(Mode::Transaction, ParamSet::default());
+        t.on_client_msg(b'Q', Some(b"UPDATE t SET x = 1\0"), None);
+        assert!(!t.needs_read_back());
+        t.on_client_msg(b'P', Some(b"s1\0SET TimeZone TO 'UTC'\0\0\0"), None);
+        assert!(t.needs_read_back());
+        let mut t = Tracker::new(Mode::Transaction, ParamSet::default());
+        t.on_client_msg(b'Q', None, None);
+        assert!(t.needs_read_back());
+    }
+
+    #[test]
+    fn prepared_set_marks_dirty_at_each_bind_until_closed() {
+        let mut t = Tracker::new(Mode::Transaction, ParamSet::default());
+        t.on_client_msg(b'P', Some(b"s1\0SET lock_timeout = 5\0\0\0"), None);
+        t.on_client_msg(b'P', Some(b"s2\0SELECT 1\0\0\0"), None);
+        t.forget_dirty();
+        t.on_client_msg(b'B', Some(b"\0s2\0\0\0\0\0\0\0"), None);
+        assert!(!t.needs_read_back());
+        t.on_client_msg(b'B', Some(b"\0s1\0\0\0\0\0\0\0"), None);
+        assert!(t.needs_read_back());
+        t.forget_dirty();
+        t.on_client_msg(b'C', Some(b"Ss1\0"), None);
+        t.on_client_msg(b'B', Some(b"\0s1\0\0\0\0\0\0\0"), None);
+        assert!(!t.needs_read_back());
+    }
+
+    #[test]
+    fn reset_returns_to_startup_value() {
+        let mut start = ParamSet::default();
+        let tz = index("TimeZone").unwrap();
+        let sp = index("search_path").unwrap();
+        start.set(tz, Some("Asia/Tokyo"));
+        let mut t = Tracker::new(Mode::Transaction, start);
+        t.on_client_msg(b'Q', Some(b"RESET ALL\0"), None);
+        let mut actual = ParamSet::default();
+        actual.set(sp, Some("x"));
+        let server = t.apply_read_back(actual.clone());
+        assert_eq!(server, actual);
+        assert_eq!(t.current.get(tz), Some("Asia/Tokyo"));
+        assert_eq!(t.current.get(sp), Some("x"));
+        // Without a RESET, a value at the server default stays there.
+        t.on_client_msg(b'Q', Some(b"SET TimeZone = DEFAULT\0"), None);
+        t.apply_read_back(ParamSet::default());
+        assert_eq!(t.current.get(tz), None);
+    }
+
+    #[test]
+    fn startup_values_equal_to_the_servers_are_defaults() {
+        let server = vec![("client_encoding".to_string(), "UTF8".to_string())];
+        let s = startup_set(&[(1, "UTF8".into()), (4, "UTC".into())], &server);
+        assert_eq!(s.get(1), None);
+        assert_eq!(s.get(4), Some("UTC"));
+    }
+}
