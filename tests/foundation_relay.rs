@@ -223,6 +223,33 @@ async fn copy_in_and_out_100k_rows() {
     assert_eq!(v, 1);
 }
 
+/// An extended-protocol COPY FROM STDIN (tokio-postgres; libpq with parameters) sends a
+/// Sync right after the Execute, which the server ignores in copy-in mode: the session must
+/// still hand back its server connection and its slot when the COPY ends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn extended_copy_in_releases_server_and_slot() {
+    for mode in ["transaction", "session"] {
+        let flags = ["--pool-mode", mode, "--pool-size", "2", "--max-active", "1"];
+        let (_pg, proxy) = setup(&flags).await;
+        let c = proxy.client().await;
+        c.batch_execute("CREATE TABLE t (id int)").await.unwrap();
+        let sink = c.copy_in::<_, Bytes>("COPY t FROM STDIN").await.unwrap();
+        futures::pin_mut!(sink);
+        sink.send(Bytes::from_static(b"1\n2\n")).await.unwrap();
+        assert_eq!(sink.finish().await.unwrap(), 2);
+        let other = proxy.client().await;
+        let count = other.query_one("SELECT count(*) FROM t", &[]);
+        let n: i64 = tokio::time::timeout(Duration::from_secs(10), count)
+            .await
+            .unwrap_or_else(|_| panic!("{mode}: no answer after the COPY"))
+            .unwrap_or_else(|e| panic!("{mode}: {e}"))
+            .get(0);
+        assert_eq!(n, 2, "{mode}");
+        let v: i32 = c.query_one("SELECT 1", &[]).await.unwrap().get(0);
+        assert_eq!(v, 1, "{mode}");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hundred_megabyte_row() {
     const LEN: usize = 100 * 1024 * 1024;

@@ -3,6 +3,7 @@
 //! transaction ends (transaction mode) or when the client leaves (session mode).
 
 pub mod bufpool;
+mod copyin;
 mod flow;
 pub mod params;
 pub mod prepared;

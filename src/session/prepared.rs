@@ -90,8 +90,8 @@ impl ServerStatements {
 pub enum Expect {
     /// ParseComplete; `strip` when the proxy injected the Parse; `name` to forget on error.
     Parse { strip: bool, name: String },
-    /// CloseComplete of a statement.
-    Close { strip: bool },
+    /// CloseComplete; `name`: the server statement closed, if the proxy tracks it.
+    Close { strip: bool, name: Option<String> },
     /// ReadyForQuery after a Sync.
     Sync,
 }
@@ -121,7 +121,8 @@ impl Expectations {
     /// ParseComplete ('1') or CloseComplete ('3') arrived.
     pub fn on_complete(&mut self, tag: u8) -> Verdict {
         match (tag, self.queue.front()) {
-            (b'1', Some(Expect::Parse { strip, .. })) | (b'3', Some(Expect::Close { strip })) => {
+            (b'1', Some(Expect::Parse { strip, .. }))
+            | (b'3', Some(Expect::Close { strip, .. })) => {
                 let s = *strip;
                 self.queue.pop_front();
                 if s {
@@ -134,17 +135,35 @@ impl Expectations {
         }
     }
 
-    /// An ErrorResponse arrived: the first unanswered message failed and the server skips
-    /// to Sync. A failed Parse must not be remembered as prepared.
+    /// An ErrorResponse arrived: the server skips every message up to the next Sync, so
+    /// no unanswered Parse or Close before it took effect. A skipped Parse (whether it
+    /// failed or came after the failure) must not be remembered as prepared, and a
+    /// statement whose Close was skipped is still prepared: preparing it again under the
+    /// same name would fail.
     pub fn on_error(&mut self, server: &mut ServerStatements) {
-        if let Some(Expect::Parse { name, .. }) = self.queue.front() {
-            server.remove(name);
-        }
         while let Some(e) = self.queue.front() {
-            if matches!(e, Expect::Sync) {
-                break;
+            match e {
+                Expect::Sync => break,
+                Expect::Parse { name, .. } => server.remove(name),
+                Expect::Close {
+                    name: Some(name), ..
+                } => server.insert(name),
+                Expect::Close { name: None, .. } => {}
             }
             self.queue.pop_front();
+        }
+    }
+
+    /// The newest `n` expected ReadyForQuery will not come: their Syncs reached a server
+    /// in copy-in mode.
+    pub fn forget_syncs(&mut self, n: usize) {
+        for _ in 0..n {
+            match self.queue.back() {
+                Some(Expect::Sync) => {
+                    self.queue.pop_back();
+                }
+                _ => break,
+            }
         }
     }
 
@@ -234,7 +253,10 @@ pub fn rewrite(
             };
             if kind != b'S' {
                 if tag == b'C' {
-                    expect.queue.push_back(Expect::Close { strip: false });
+                    expect.queue.push_back(Expect::Close {
+                        strip: false,
+                        name: None,
+                    });
                 }
                 return false;
             }
@@ -243,13 +265,19 @@ pub fn rewrite(
             };
             if name.is_empty() {
                 if tag == b'C' {
-                    expect.queue.push_back(Expect::Close { strip: false });
+                    expect.queue.push_back(Expect::Close {
+                        strip: false,
+                        name: None,
+                    });
                 }
                 return false;
             }
             let Some(stmt) = client.map.get(name).cloned() else {
                 if tag == b'C' {
-                    expect.queue.push_back(Expect::Close { strip: false });
+                    expect.queue.push_back(Expect::Close {
+                        strip: false,
+                        name: None,
+                    });
                 }
                 return false;
             };
@@ -258,7 +286,10 @@ pub fn rewrite(
             } else {
                 client.map.remove(name);
                 server.remove(&stmt.server_name);
-                expect.queue.push_back(Expect::Close { strip: false });
+                expect.queue.push_back(Expect::Close {
+                    strip: false,
+                    name: Some(stmt.server_name.clone()),
+                });
             }
             put_msg(out, tag, &[b"S", stmt.server_name.as_bytes(), &[0]]);
             true
@@ -321,7 +352,10 @@ fn evict(out: &mut Vec<u8>, server: &mut ServerStatements, expect: &mut Expectat
         };
         server.set.remove(&old);
         put_msg(out, b'C', &[b"S", old.as_bytes(), &[0]]);
-        expect.queue.push_back(Expect::Close { strip: true });
+        expect.queue.push_back(Expect::Close {
+            strip: true,
+            name: Some(old),
+        });
     }
 }
 
@@ -394,6 +428,45 @@ mod tests {
         assert!(!s.contains("pgsl_1_4"));
         e.on_ready();
         assert!(e.is_empty());
+    }
+
+    /// A batch that fails part-way: the server skips every Parse and Close after the
+    /// failure, so none of them may change what the proxy believes is prepared.
+    #[test]
+    fn error_skips_every_later_parse_and_close() {
+        let mut c = ClientStatements::new(3);
+        let mut old = ServerStatements::default();
+        for name in ["a", "b", "c"] {
+            let p = msg(b'P', format!("{name}\0SELECT 1\0\0\0").as_bytes());
+            let mut e = Expectations::default();
+            let _ = rewrite(&p, &mut c, &mut old, &mut e, 10, &mut Vec::new());
+        }
+        // Another server with room for two: binding all three injects three Parses and
+        // one eviction Close, all before the batch's Sync.
+        let mut s = ServerStatements::default();
+        let mut e = Expectations::default();
+        for name in ["a", "b", "c"] {
+            let b = msg(b'B', format!("\0{name}\0\0\0\0\0\0\0").as_bytes());
+            assert!(rewrite(&b, &mut c, &mut s, &mut e, 2, &mut Vec::new()));
+        }
+        let _ = rewrite(&msg(b'S', b""), &mut c, &mut s, &mut e, 2, &mut Vec::new());
+        assert!(s.contains("pgsl_3_2") && s.contains("pgsl_3_3") && !s.contains("pgsl_3_1"));
+        // a's ParseComplete arrives, then a's Execute fails: the Close of a and the
+        // Parses of b and c are skipped.
+        assert_eq!(e.on_complete(b'1'), Verdict::Strip);
+        e.on_error(&mut s);
+        e.on_ready();
+        assert!(e.is_empty());
+        assert!(
+            s.contains("pgsl_3_1"),
+            "a's Close was skipped: still prepared"
+        );
+        assert!(!s.contains("pgsl_3_2") && !s.contains("pgsl_3_3"));
+        // Binding c again prepares it first.
+        let mut out = Vec::new();
+        let b = msg(b'B', b"\0c\0\0\0\0\0\0\0");
+        assert!(rewrite(&b, &mut c, &mut s, &mut e, 10, &mut out));
+        assert_eq!(out[0], b'P');
     }
 
     #[test]

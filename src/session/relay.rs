@@ -5,6 +5,7 @@
 
 use super::bufpool::Buf;
 use super::params::Tracker;
+use super::copyin::IgnoredSyncs;
 use super::prepared::{self, ClientStatements, Expectations, ServerStatements, Verdict};
 use crate::pool::ServerConn;
 use crate::protocol::{self, FrameScanner, ProtocolError};
@@ -62,6 +63,9 @@ pub struct RelayState {
     pub terminate_split: bool,
     /// The server sent an ErrorResponse during the current batch.
     pub saw_error: bool,
+    /// Syncs ignored by a server in copy-in mode, seen by the scan and by the rewrite.
+    copy_scan: IgnoredSyncs,
+    copy_rw: IgnoredSyncs,
     /// Transaction pooling: rename named statements and prepare them where needed.
     pub rewrite_on: bool,
     /// Most statements kept prepared per server connection.
@@ -102,6 +106,8 @@ impl RelayState {
             discard_done: false,
             terminate_split: false,
             saw_error: false,
+            copy_scan: IgnoredSyncs::default(),
+            copy_rw: IgnoredSyncs::default(),
             rewrite_on: false,
             stmt_cap: 0,
             rw_pos: 0,
@@ -171,6 +177,13 @@ impl RelayState {
             let h = self.c2s.slice(self.rw_pos, self.rw_pos + 5);
             let tag = h[0];
             let total = 1 + i32::from_be_bytes([h[1], h[2], h[3], h[4]]).max(4) as usize;
+            // Headers are read again only for messages held incomplete, never for these.
+            if matches!(tag, b'S' | b'c' | b'f') {
+                let ignored = self.copy_rw.on_message(tag);
+                self.expect.forget_syncs(ignored);
+            } else {
+                self.copy_rw.on_message(tag);
+            }
             let need = match tag {
                 b'P' | b'B' | b'D' | b'C' | b'S' => total,
                 b'Q' => total.min(5 + 64),
@@ -247,6 +260,8 @@ impl RelayState {
         let ends = &mut self.ends;
         let open_batch = &mut self.open_batch;
         let params = &mut self.params;
+        let pending = &mut self.pending;
+        let copy = &mut self.copy_scan;
         let chunk = self.c2s.filled_from(from);
         let mut flow = |tag: u8, start: Option<usize>, end: usize| {
             let abs_end = from + end;
@@ -271,6 +286,18 @@ impl RelayState {
                 }
                 b'P' | b'B' | b'D' | b'E' | b'C' => *open_batch = true,
                 _ => {}
+            }
+            let ignored = copy.on_message(tag);
+            if ignored > 0 {
+                // The end of an extended-protocol COPY FROM STDIN: its batch goes on to the
+                // next Sync. The ignored Syncs are the newest batch ends: unsent ones stop
+                // ending a batch, sent ones are owed no ReadyForQuery.
+                for _ in 0..ignored {
+                    if ends.pop_back().is_none() {
+                        *pending = pending.saturating_sub(1);
+                    }
+                }
+                *open_batch = true;
             }
             ControlFlow::Continue(())
         };
@@ -339,6 +366,8 @@ impl RelayState {
         self.rewrite_cancel = None;
         self.rw_pos = 0;
         self.rw_stream = 0;
+        self.copy_scan = IgnoredSyncs::default();
+        self.copy_rw = IgnoredSyncs::default();
         self.expect.clear();
         self.params.abandon();
         owed
