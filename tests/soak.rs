@@ -99,14 +99,29 @@ impl Conn {
 
 type PgResult<T> = Result<T, tokio_postgres::Error>;
 
-async fn op_simple(c: &Conn, rng: &mut StdRng) -> PgResult<bool> {
-    let n: i32 = rng.gen_range(1..1_000_000);
+/// The value carries the worker's number, so a wrong answer tells whose query it answered.
+async fn op_simple(c: &Conn, rng: &mut StdRng, worker: usize, stats: &Stats) -> PgResult<bool> {
+    let n = worker as i64 * 1_000_000 + rng.gen_range(1..1_000_000);
     let rows = c.client.simple_query(&format!("SELECT {n} * 2")).await?;
     let got = rows.iter().find_map(|m| match m {
         tokio_postgres::SimpleQueryMessage::Row(r) => r.get(0).map(str::to_string),
         _ => None,
     });
-    Ok(got == Some((n * 2).to_string()))
+    if got == Some((n * 2).to_string()) {
+        return Ok(true);
+    }
+    let from = match got.as_deref().and_then(|g| g.parse::<i64>().ok()) {
+        Some(v) if v % 2 == 0 && v / 2_000_000 == worker as i64 => "own".to_string(),
+        Some(v) if v % 2 == 0 => format!("worker {}", v / 2_000_000),
+        _ => format!("{got:?}"),
+    };
+    *stats
+        .errors
+        .lock()
+        .unwrap()
+        .entry(format!("wrong result (simple) from {from}"))
+        .or_default() += 1;
+    Ok(false)
 }
 
 /// A named statement prepared once per connection and reused across upstream restarts.
@@ -198,7 +213,7 @@ async fn kill_mid_work(c: Conn, rng: &mut StdRng, tag: i64) {
     c.kill();
 }
 
-async fn worker(url: String, deadline: Instant, stats: Arc<Stats>, seed: u64) {
+async fn worker(url: String, deadline: Instant, stats: Arc<Stats>, seed: u64, worker_no: usize) {
     let mut rng = StdRng::seed_from_u64(seed);
     let mut conn: Option<Conn> = None;
     while Instant::now() < deadline {
@@ -227,7 +242,7 @@ async fn worker(url: String, deadline: Instant, stats: Arc<Stats>, seed: u64) {
         let (name, res) = {
             let fut = async {
                 match pick {
-                    0..=34 => ("simple", op_simple(&c, &mut rng).await),
+                    0..=34 => ("simple", op_simple(&c, &mut rng, worker_no, &stats).await),
                     35..=59 => ("prepared", op_prepared(&mut c, &mut rng).await),
                     60..=79 => ("transaction", op_transaction(&c, tag).await),
                     80..=89 => ("copy_in", op_copy_in(&c, tag, 200).await),
@@ -247,6 +262,15 @@ async fn worker(url: String, deadline: Instant, stats: Arc<Stats>, seed: u64) {
             Ok(true) => stats.ok(name),
             Ok(false) => {
                 stats.wrong.fetch_add(1, Ordering::Relaxed);
+                *stats
+                    .errors
+                    .lock()
+                    .unwrap()
+                    .entry(format!("wrong result ({name})"))
+                    .or_default() += 1;
+                // A connection that answered the wrong request is not to be trusted again.
+                c.kill();
+                continue;
             }
             Err(e) => {
                 stats.err(name, &e);
@@ -393,6 +417,7 @@ async fn soak_mixed_load_with_kills_and_restarts() {
                 deadline,
                 stats.clone(),
                 seed + i as u64,
+                i,
             ))
         })
         .collect();
@@ -418,10 +443,18 @@ async fn soak_mixed_load_with_kills_and_restarts() {
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     };
-    let metrics_end = (
-        proxy.metric_sum("pgsluice_client_connections", "").await,
-        proxy.metric_sum("pgsluice_server_connections", "").await,
-    );
+    // Gauges are published on the health-check interval; give them a few rounds.
+    let mut metrics_end = (f64::NAN, f64::NAN);
+    for _ in 0..25 {
+        metrics_end = (
+            proxy.metric_sum("pgsluice_client_connections", "").await,
+            proxy.metric_sum("pgsluice_server_connections", "").await,
+        );
+        if metrics_end.0 == 0.0 && metrics_end.1 == end.servers as f64 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
     let db = pg.client().await;
     let backends: i64 = db
         .query_one(
