@@ -41,6 +41,12 @@ pub struct RelayState {
     ends: VecDeque<usize>,
     /// Forwarded batch ends still waiting for their ReadyForQuery.
     pub pending: usize,
+    /// Syncs since the client's last Execute or Query. If copy data follows, the Execute
+    /// started a COPY FROM STDIN and the server ignored those Syncs (it does in copy-in mode).
+    copy_syncs: usize,
+    /// Forwarded Syncs the server ignored in copy-in mode: the ReadyForQuery that ends the
+    /// COPY answers them too.
+    skipped_syncs: usize,
     /// A non-ending extended-protocol message was seen after the last batch end.
     pub open_batch: bool,
     /// Transaction status from the last ReadyForQuery ('I', 'T' or 'E').
@@ -89,6 +95,8 @@ impl RelayState {
             sscan: FrameScanner::new(b"ZE"),
             ends: VecDeque::new(),
             pending: 0,
+            copy_syncs: 0,
+            skipped_syncs: 0,
             open_batch: false,
             status: b'I',
             terminated: false,
@@ -238,6 +246,8 @@ impl RelayState {
         let discarding = self.discarding;
         let ends = &mut self.ends;
         let open_batch = &mut self.open_batch;
+        let copy_syncs = &mut self.copy_syncs;
+        let mut ignored_syncs = 0;
         let chunk = self.c2s.filled_from(from);
         let mut flow = |tag: u8, start: Option<usize>, end: usize| {
             let abs_end = from + end;
@@ -253,6 +263,10 @@ impl RelayState {
                     return ControlFlow::Break(());
                 }
                 b'Q' | b'S' | b'F' => {
+                    match tag {
+                        b'S' => *copy_syncs += 1,
+                        _ => *copy_syncs = 0,
+                    }
                     if discarding && discard_to.is_none() {
                         discard_to = Some(abs_end);
                     } else {
@@ -260,13 +274,26 @@ impl RelayState {
                     }
                     *open_batch = false;
                 }
-                b'P' | b'B' | b'D' | b'E' | b'C' => *open_batch = true,
+                b'P' | b'B' | b'D' | b'E' | b'C' => {
+                    if tag == b'E' {
+                        *copy_syncs = 0;
+                    }
+                    *open_batch = true;
+                }
+                // CopyData, CopyDone, CopyFail: no ReadyForQuery will answer the Syncs the
+                // server skipped in copy-in mode (e.g. tokio-postgres's Bind, Execute, Sync).
+                b'd' | b'c' | b'f' => ignored_syncs += std::mem::take(copy_syncs),
                 _ => {}
             }
             ControlFlow::Continue(())
         };
         self.cscan
             .scan(chunk, |ev| flow(ev.tag, ev.start, ev.end))?;
+        if ignored_syncs > 0 {
+            // Only forwarded Syncs are pending; the client waited for the server's
+            // CopyInResponse before sending data, so that is where they are.
+            self.skipped_syncs = (self.skipped_syncs + ignored_syncs).min(self.pending);
+        }
         if let Some(at) = cut_terminate {
             // Nothing after Terminate matters; never forward it (the server would close).
             self.c2s.end = at.max(self.c2s.pos);
@@ -314,8 +341,10 @@ impl RelayState {
     /// Forgets everything owed by a lost server; returns how many batches the client still
     /// waits on (forwarded or not), each of which gets an error and a ReadyForQuery.
     pub fn abandon_server(&mut self) -> usize {
-        let owed = self.pending + self.ends.len();
+        // The client waits on one answer for a COPY, however many Syncs it sent during it.
+        let owed = (self.pending + self.ends.len()).saturating_sub(self.skipped_syncs);
         self.pending = 0;
+        self.skipped_syncs = 0;
         self.ends.clear();
         self.c2s.clear();
         if self.open_batch || !self.cscan.at_boundary() {
@@ -355,6 +384,7 @@ impl RelayState {
             let want_rewrite = self.rewrite_cancel.is_some();
             let pos = self.s2c.pos;
             let pending = &mut self.pending;
+            let skipped = &mut self.skipped_syncs;
             let status = &mut self.status;
             let fatal = &mut self.server_fatal;
             let saw_error = &mut self.saw_error;
@@ -363,11 +393,16 @@ impl RelayState {
             let n = self.sscan.scan(chunk, |ev| {
                 match ev.tag {
                     b'Z' => {
-                        *pending = pending.saturating_sub(1);
+                        // The first ReadyForQuery after a COPY's data also answers the Syncs
+                        // the server skipped while it took the data.
+                        let extra = std::mem::take(skipped);
+                        *pending = pending.saturating_sub(1 + extra);
                         if let Some(&[s]) = ev.body {
                             *status = s;
                         }
-                        expect.on_ready();
+                        for _ in 0..=extra {
+                            expect.on_ready();
+                        }
                     }
                     b'1' | b'3' if expect.on_complete(ev.tag) == Verdict::Strip => {
                         let end = at + ev.end;
