@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 const NEVER: u64 = u64::MAX;
 
@@ -381,7 +381,11 @@ async fn refuse_client(sock: TcpStream, tls: Option<Arc<ClientTls>>) {
 /// Checks the upstream on an interval (readiness, breaker) and publishes gauges.
 async fn health_loop(shared: Arc<Shared>) {
     let mut was_up: Option<bool> = None;
+    let mut trimmer = crate::memtrim::Trimmer::default();
     loop {
+        if trimmer.observe(shared.clients_total.load(Ordering::Relaxed)) {
+            debug!("client count fell well below its peak; returned freed memory");
+        }
         let cfg = shared.config();
         let ok = pool::probe(
             &cfg.upstream,

@@ -262,7 +262,10 @@ impl Session {
             return false;
         }
         let mut b = BytesMut::with_capacity(256);
-        for _ in 0..owed.max(1) {
+        // Nothing owed: the server closed right after its last ReadyForQuery (e.g. a fast
+        // shutdown). The client waits on nothing, and an unasked ReadyForQuery would break
+        // its protocol state.
+        for _ in 0..owed {
             protocol::error_response(
                 &mut b,
                 Severity::Error,

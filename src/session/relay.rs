@@ -4,8 +4,8 @@
 //! ReadyForQuery and its transaction status, Terminate, fatal server errors.
 
 use super::bufpool::Buf;
-use super::params::Tracker;
 use super::copyin::IgnoredSyncs;
+use super::params::Tracker;
 use super::prepared::{self, ClientStatements, Expectations, ServerStatements, Verdict};
 use crate::pool::ServerConn;
 use crate::protocol::{self, FrameScanner, ProtocolError};

@@ -3,10 +3,12 @@
 #![allow(dead_code, unused_imports)]
 
 pub mod pg;
+pub mod process;
 pub mod proxy;
 pub mod shim;
 
 pub use pg::{connect, try_connect, HostAuth, TempPostgres};
+pub use process::ProxyProcess;
 pub use proxy::TestProxy;
 pub use shim::{FaultShim, Mode};
 
