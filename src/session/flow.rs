@@ -183,7 +183,8 @@ impl Session {
                     .await;
                 self.shared.guard.record_success();
                 self.shared.observe_query(&self.pool, outcome, t0.elapsed());
-                self.params_after_batch().await;
+                // Boxed: the read-back is rare and would otherwise enlarge every session's future.
+                Box::pin(self.params_after_batch()).await;
                 drop(permit);
                 self.after_idle();
                 true

@@ -132,7 +132,8 @@ impl Session {
                 .get(self.cfg.connect_timeout)
                 .await
                 .map_err(pool_refusal)?;
-            canonical = Some(params::resolve(Some(&mut server), &self.info.params).await?);
+            canonical =
+                Some(Box::pin(params::resolve(Some(&mut server), &self.info.params)).await?);
             params = self.pool.server_params();
             if self.cfg.pool_mode == PoolMode::Session {
                 self.server = Some(server);
@@ -140,7 +141,7 @@ impl Session {
         }
         let canonical = match canonical {
             Some(c) => c,
-            None => params::resolve(None, &self.info.params).await?,
+            None => Box::pin(params::resolve(None, &self.info.params)).await?,
         };
         self.start_params(&canonical, &params);
         let mut b = BytesMut::with_capacity(512);

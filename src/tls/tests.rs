@@ -243,6 +243,8 @@ async fn session_future_size() {
     let fut = crate::session::run(s.unwrap().0, handle.shared().clone());
     let size = std::mem::size_of_val(&fut);
     println!("session future: {size} bytes");
-    // 4,120 bytes before TLS support; the handshake state is boxed so it adds nothing.
-    assert!(size <= 4120, "session future grew to {size} bytes");
+    // 4,120 bytes before TLS support (the handshake state is boxed so it adds nothing);
+    // 4,416 with session-parameter tracking (its value sets are sparse vectors and its
+    // rare async steps are boxed). Growth past that should be a decision, not an accident.
+    assert!(size <= 4416, "session future grew to {size} bytes");
 }

@@ -42,19 +42,31 @@ pub fn index(name: &str) -> Option<usize> {
     TRACKED.iter().position(|t| t.eq_ignore_ascii_case(name))
 }
 
-/// One value per tracked parameter; `None` is the server connection's own default (what
-/// `RESET` gives on a pooled connection).
+/// One value per tracked parameter; an absent one is the server connection's own default
+/// (what `RESET` gives on a pooled connection). Sparse and sorted by position: clients set
+/// few of them, and every session, idle ones included, carries two of these.
 #[derive(Clone, Default, Debug, PartialEq, Eq)]
-pub struct ParamSet(pub [Option<Arc<str>>; TRACKED.len()]);
+pub struct ParamSet(Vec<(u8, Arc<str>)>);
 
 impl ParamSet {
+    fn find(&self, i: usize) -> Result<usize, usize> {
+        self.0.binary_search_by_key(&i, |e| e.0 as usize)
+    }
+
     pub fn get(&self, i: usize) -> Option<&str> {
-        self.0[i].as_deref()
+        self.find(i).ok().map(|p| &*self.0[p].1)
     }
 
     pub fn set(&mut self, i: usize, v: Option<&str>) {
-        if self.get(i) != v {
-            self.0[i] = v.map(Arc::from);
+        debug_assert!(i < TRACKED.len());
+        match (self.find(i), v) {
+            (Ok(p), Some(v)) if &*self.0[p].1 != v => self.0[p].1 = Arc::from(v),
+            (Ok(_), Some(_)) => {}
+            (Ok(p), None) => {
+                self.0.remove(p);
+            }
+            (Err(p), Some(v)) => self.0.insert(p, (i as u8, Arc::from(v))),
+            (Err(_), None) => {}
         }
     }
 }
