@@ -65,6 +65,8 @@ mod tests_async;
 #[cfg(test)]
 mod tests_core;
 #[cfg(test)]
+mod tests_lease;
+#[cfg(test)]
 mod tests_prop;
 
 use std::sync::{Arc, Weak};
@@ -170,6 +172,12 @@ impl Guard {
         self.core.lock().record_success(now());
     }
 
+    /// Work was wasted outside the queue: a client left, or hit its timeout, with its
+    /// query running. Enables standing-queue shedding for a while (see `Core::wasting`).
+    pub fn record_waste(&self) {
+        self.core.lock().record_waste(now());
+    }
+
     /// The upstream failed (connect failure, lost connection, timeout).
     pub fn record_failure(&self) {
         let mut out = Vec::new();
@@ -222,6 +230,12 @@ impl Guard {
         self.core.lock().release(grant, now(), &mut out);
         self.deliver(out);
     }
+
+    fn release_lease(&self, pool: &str) {
+        let mut out = Vec::new();
+        self.core.lock().release_lease(pool, now(), &mut out);
+        self.deliver(out);
+    }
 }
 
 /// Removes the waiter if the admit future is dropped while queued.
@@ -234,7 +248,7 @@ struct Waiting<'a> {
 impl Drop for Waiting<'_> {
     fn drop(&mut self) {
         if self.armed {
-            self.guard.core.lock().abandon(self.id);
+            self.guard.core.lock().abandon(self.id, now());
         }
     }
 }
@@ -267,6 +281,39 @@ impl Permit {
     /// `record_success` / `record_failure`.
     pub fn is_probe(&self) -> bool {
         self.grant.probe
+    }
+
+    /// Takes the server-connection lease granted with this slot (asked for with
+    /// `AdmitRequest::lease`), to be held as long as the connection is.
+    pub fn take_lease(&mut self) -> Option<Lease> {
+        if !self.grant.lease {
+            return None;
+        }
+        self.grant.lease = false;
+        Some(Lease {
+            guard: self.guard.clone(),
+            pool: self.grant.pool.clone(),
+        })
+    }
+}
+
+/// The right to hold one server connection of a pool; dropping it lets the next session
+/// (or login) waiting for one of that pool's connections in. Drop it only after the
+/// connection is back in the pool, so a granted lease always finds a connection free.
+pub struct Lease {
+    guard: Arc<Guard>,
+    pool: Arc<str>,
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        self.guard.release_lease(&self.pool);
+    }
+}
+
+impl std::fmt::Debug for Lease {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Lease").field("pool", &self.pool).finish()
     }
 }
 
