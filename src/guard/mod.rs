@@ -41,6 +41,15 @@
 //! the filter and can finish what it started. The rotation spreads the refusals fairly over
 //! time.
 //!
+//! A query of a client that holds no server connection also needs a connection *lease* of
+//! its pool (at most `--pool-size` per pool), granted together with the slot: nobody ever
+//! holds a slot while waiting for a connection, so a client inside a transaction (which holds
+//! its connection and needs only slots) always finishes. Logins wait for a lease alone.
+//! Standing-queue and cohort shedding apply only while work is being wasted (a client gave
+//! up on queued or running work within the last ten intervals, or a waiter timed out) and
+//! only to waiters held back by the database itself (all slots, or all of the pool's
+//! connections, running queries). See docs/DESIGN.md, "Slots and connections".
+//!
 //! A waiter whose client goes away leaves the queue at once; if a slot was granted to it in
 //! that instant, the slot is released and handed on. A circuit breaker stops all of this
 //! while the upstream is failing: after `failure_threshold` consecutive failures every
