@@ -41,6 +41,9 @@ cargo bench -q --bench frame_scan -- --test
 log "compare.sh QUICK=1"
 QUICK=1 STRICT=1 SKIP_BUILD=1 bash "$BENCH_DIR/compare.sh"
 
+log "tx_pgbench --quick (explicit transactions, more clients than connections)"
+SKIP_BUILD=1 bash "$BENCH_DIR/tx_pgbench.sh" --quick
+
 log "outage replay --quick"
 SKIP_BUILD=1 SCALE=1 bash "$BENCH_DIR/outage.sh" --quick --vus 20 --calib-concurrency 2
 

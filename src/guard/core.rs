@@ -1,7 +1,7 @@
 //! The admission state machine: pure, clock passed in, no I/O. See the module doc of
 //! `guard` for the queue discipline.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -12,9 +12,11 @@ use super::cohort::Cohorts;
 use super::config::GuardConfig;
 use super::fair::{self, ident_entry, Ident};
 use super::pools::{pool_entry, Pool};
-use super::snapshot::{GuardSnapshot, IdentitySnapshot, PoolSnapshot};
 use super::types::{AdmitRequest, CircuitState, Shed, ShedReason};
 use crate::metrics as names;
+
+mod codel;
+mod view;
 
 /// `t + d`, saturating far in the future instead of overflowing on absurd settings.
 pub(crate) fn later(t: Instant, d: Duration) -> Instant {
@@ -23,9 +25,6 @@ pub(crate) fn later(t: Instant, d: Duration) -> Instant {
         .or_else(|| t.checked_add(Duration::from_secs(24 * 3600)))
         .unwrap_or(t)
 }
-
-/// CoDel intervals after the last wasted work during which a standing queue is shed.
-const WASTE_WINDOW: u32 = 10;
 
 /// A slot handed to a query.
 #[derive(Debug, Clone)]
@@ -145,94 +144,6 @@ impl<T> Core<T> {
 
     pub(crate) fn is_paused(&self) -> bool {
         self.paused
-    }
-
-    /// A standing queue: for a whole CoDel interval the queue has not been empty and its
-    /// oldest query has been waiting at least that long. A queue that is never empty but
-    /// drains fast (closed-loop clients outnumbering the slots) is healthy and does not
-    /// count; a burst that drains within the interval does not either.
-    pub(crate) fn standing(&self, now: Instant) -> bool {
-        if self.paused || !self.wasting(now) {
-            return false;
-        }
-        let Some(since) = self.nonempty_since else {
-            return false;
-        };
-        let iv = self.cfg.codel_interval;
-        if now.saturating_duration_since(since) < iv {
-            return false;
-        }
-        self.oldest_normal()
-            .is_some_and(|t| now.saturating_duration_since(t) >= iv)
-    }
-
-    /// Overload as the request-level (cohort) filter sees it: the queue has not emptied for an
-    /// interval and its oldest query has waited past the target. This is a lighter test than
-    /// `standing`, on purpose: refusing new requests at the door is cheap and keeps admitted
-    /// requests fast, while shedding queued queries (which may be mid-request) waits for a
-    /// truly standing queue.
-    fn under_pressure(&self, now: Instant) -> bool {
-        if self.paused || !self.wasting(now) {
-            return false;
-        }
-        let Some(since) = self.nonempty_since else {
-            return false;
-        };
-        if now.saturating_duration_since(since) < self.cfg.codel_interval {
-            return false;
-        }
-        self.oldest_normal_waiter().is_some_and(|w| {
-            now.saturating_duration_since(w.enqueued) >= self.cfg.codel_target
-                && self.database_bound(w)
-        })
-    }
-
-    /// Work was wasted within the last `WASTE_WINDOW` CoDel intervals. A long queue that
-    /// nobody gives up on (closed-loop clients outnumbering the slots, a pool smaller than
-    /// the client count) is stable: every waiter is served within its queue timeout, and
-    /// refusing it would only turn waiting into errors. Shedding starts once clients show
-    /// they are not waiting that long.
-    fn wasting(&self, now: Instant) -> bool {
-        let window = self.cfg.codel_interval.saturating_mul(WASTE_WINDOW);
-        self.last_waste
-            .is_some_and(|t| now.saturating_duration_since(t) <= window)
-    }
-
-    /// Work was wasted (see `wasting`).
-    pub(crate) fn record_waste(&mut self, now: Instant) {
-        self.last_waste = Some(now);
-    }
-
-    /// The waiter is held back by the database's own concurrency: every slot is taken, or
-    /// every connection of its pool is running a query. A waiter held back by connections
-    /// that sit idle in a transaction (the clients are slow, not the database) or by a pause
-    /// is not: refusing it would relieve nothing.
-    fn database_bound(&self, w: &Waiter<T>) -> bool {
-        self.bound_by_running(w, 0)
-    }
-
-    /// `database_bound`, counting `freed` slots just released as still running (in
-    /// dispatch, the resource the waiter is about to get was busy until this instant).
-    fn bound_by_running(&self, w: &Waiter<T>, freed: usize) -> bool {
-        self.active + freed >= self.cfg.max_active
-            || (w.lease
-                && self
-                    .pools
-                    .get(&*w.pool)
-                    .is_some_and(|p| p.active + freed >= p.capacity))
-    }
-
-    /// Arrival time of the longest-waiting normal (not in-transaction) query.
-    fn oldest_normal(&self) -> Option<Instant> {
-        self.oldest_normal_waiter().map(|w| w.enqueued)
-    }
-
-    fn oldest_normal_waiter(&self) -> Option<&Waiter<T>> {
-        self.backlogged
-            .iter()
-            .filter_map(|n| self.idents.get(n)?.queue.front())
-            .min()
-            .and_then(|id| self.waiters.get(id))
     }
 
     pub(crate) fn admit(
@@ -539,7 +450,7 @@ impl<T> Core<T> {
             return false;
         };
         (!w.slot || self.active < self.cfg.max_active)
-            && (!w.lease || self.pools.get(&*w.pool).is_none_or(|p| p.lease_free()))
+            && (!w.lease || self.pools.get(&*w.pool).map_or(true, |p| p.lease_free()))
     }
 
     fn first_eligible(&self, q: &VecDeque<u64>) -> Option<u64> {
@@ -550,49 +461,6 @@ impl<T> Core<T> {
         fair::pick(&self.backlogged, &self.idents, self.standing(now), |id| {
             self.eligible(id)
         })
-    }
-
-    fn due_reason(&self, w: &Waiter<T>, now: Instant) -> Option<ShedReason> {
-        self.due_reason_freed(w, now, 0)
-    }
-
-    fn due_reason_freed(&self, w: &Waiter<T>, now: Instant, freed: usize) -> Option<ShedReason> {
-        if now >= w.expires {
-            return Some(if self.paused && !w.in_tx {
-                ShedReason::Paused
-            } else {
-                ShedReason::QueueTimeout
-            });
-        }
-        if !w.in_tx
-            && w.slot
-            && self.bound_by_running(w, freed)
-            && self.standing(now)
-            && now.saturating_duration_since(w.enqueued) >= self.cfg.codel_target
-        {
-            return Some(ShedReason::StandingQueue);
-        }
-        None
-    }
-
-    fn wake_at(&self, w: &Waiter<T>, now: Instant) -> Instant {
-        match self.nonempty_since {
-            Some(since) if !w.in_tx && w.slot && !self.paused => {
-                // Standing from when both the queue and its oldest waiter are an interval old.
-                let oldest = self.oldest_normal().unwrap_or(w.enqueued);
-                let codel = later(since.max(oldest), self.cfg.codel_interval)
-                    .max(later(w.enqueued, self.cfg.codel_target));
-                // Past that time but not due (no waste, or not held back by the database):
-                // look again an interval later, when either may have changed.
-                let codel = if codel <= now {
-                    later(now, self.cfg.codel_interval.max(Duration::from_millis(1)))
-                } else {
-                    codel
-                };
-                codel.min(w.expires)
-            }
-            _ => w.expires,
-        }
     }
 
     fn remove_waiter(&mut self, id: u64) -> Option<Waiter<T>> {
@@ -715,50 +583,6 @@ impl<T> Core<T> {
             active: self.active,
             limit: self.cfg.max_active,
             queued: self.waiters.len(),
-        }
-    }
-
-    pub(crate) fn snapshot(&mut self, now: Instant) -> GuardSnapshot {
-        let circuit = self.sync_circuit_gauge(now);
-        let pools = self
-            .pools
-            .iter()
-            .map(|(k, p)| {
-                let s = PoolSnapshot {
-                    active: p.active,
-                    queued: p.queued,
-                    leased: p.leased,
-                    capacity: p.capacity,
-                };
-                (k.to_string(), s)
-            })
-            .collect::<BTreeMap<_, _>>();
-        let identities = self
-            .idents
-            .iter()
-            .map(|(k, i)| {
-                let s = IdentitySnapshot {
-                    active: i.active,
-                    queued: i.queue.len() + i.tx_queued,
-                    weight: i.weight,
-                    admitted_total: i.admitted_total,
-                    shed_total: i.shed_total,
-                };
-                (k.to_string(), s)
-            })
-            .collect::<BTreeMap<_, _>>();
-        GuardSnapshot {
-            upstream: self.cfg.upstream.clone(),
-            active: self.active,
-            limit: self.cfg.max_active,
-            queued: self.waiters.len(),
-            paused: self.paused,
-            circuit,
-            standing_queue: self.standing(now),
-            admitted_cohorts: self.cohorts.admitted(),
-            cohorts: self.cohorts.count(),
-            pools,
-            identities,
         }
     }
 }
