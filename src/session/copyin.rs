@@ -2,6 +2,11 @@
 //! they know the statement is a COPY, then the data, CopyDone (or CopyFail) and another
 //! Sync. A server in copy-in mode ignores Sync, so only the last one is answered with
 //! ReadyForQuery; the proxy's count of owed answers must not wait for the others.
+//!
+//! A client that leaves mid-COPY: its backend waits for data and ignores a cancel, holding
+//! its transaction and locks, so the proxy ends the COPY for it with CopyFail.
+
+use super::relay::RelayState;
 
 /// Watches a client's messages in stream order for Syncs the server will ignore.
 #[derive(Default)]
@@ -13,6 +18,11 @@ pub struct IgnoredSyncs {
 }
 
 impl IgnoredSyncs {
+    /// The COPY under way was started by an Execute (not a simple Query).
+    fn extended(&self) -> bool {
+        self.last == b'E'
+    }
+
     /// Feeds one message tag; returns how many of the Syncs before it turned out to be
     /// ignored (non-zero only at the CopyDone/CopyFail of a COPY started by an Execute).
     pub fn on_message(&mut self, tag: u8) -> usize {
@@ -33,6 +43,32 @@ impl IgnoredSyncs {
             }
         }
     }
+}
+
+/// The client is gone while its server is in copy-in mode: the CopyFail to send, with
+/// the bookkeeping updated as if the client had sent it. The server then answers with an
+/// ErrorResponse (the transaction rolls back) and, after a COPY started by a simple
+/// Query, ReadyForQuery; after an extended-protocol one it waits for a Sync, so
+/// `open_batch` is set for the caller to send one.
+pub(super) fn abort_copy_in(st: &mut RelayState) -> Option<Vec<u8>> {
+    if !st.copy_in {
+        return None;
+    }
+    st.copy_in = false;
+    let extended = st.copy_scan.extended();
+    // Syncs sent since the COPY's Execute were ignored by the server: none is answered.
+    let ignored = st.copy_scan.on_message(b'f');
+    st.pending = st.pending.saturating_sub(ignored);
+    st.expect.forget_syncs(ignored);
+    if extended {
+        st.open_batch = true;
+    }
+    const MSG: &[u8] = b"pgsluice: client disconnected during COPY\0";
+    let mut b = Vec::with_capacity(5 + MSG.len());
+    b.push(b'f');
+    b.extend_from_slice(&(4 + MSG.len() as i32).to_be_bytes());
+    b.extend_from_slice(MSG);
+    Some(b)
 }
 
 #[cfg(test)]

@@ -1,34 +1,60 @@
-//! Named prepared statements under transaction pooling. A client's statements are renamed
-//! to names unique to that client (`pgsl_<client>_<n>`), remembered with their Parse body,
-//! and prepared transparently — pipelined ahead of the client's own Bind or Describe — on
-//! whichever server connection the client lands on. The responses to those injected
-//! messages (ParseComplete, CloseComplete) are removed from the stream back to the client.
-//! Each server connection keeps a bounded set of prepared names, evicting the oldest.
+//! Prepared statements under transaction pooling.
+//!
+//! Named: a client's statements are renamed to names unique to that client
+//! (`pgsl_<client>_<n>`), remembered with their Parse body, and prepared transparently —
+//! pipelined ahead of the client's own Bind or Describe — on whichever server connection the
+//! client lands on. Each server connection keeps a bounded set of prepared names, evicting
+//! the oldest.
+//!
+//! Unnamed: PostgreSQL keeps the unnamed statement until the next Parse of it or simple
+//! Query, so the one a server holds may be another client's. A Bind or Describe of it in
+//! the batch of the client's own Parse needs nothing; in a later batch the client's last
+//! unnamed Parse is sent again first (or a Close, when the client has none, so that the
+//! Bind fails as it would directly) unless its server, kept inside a transaction, is known
+//! to still hold it.
+//!
+//! SQL-level `DEALLOCATE name` is translated to the server's name; `DEALLOCATE ALL` and
+//! `DISCARD ALL` in any statement of a query are tracked (see `stmt_sql`). The responses to
+//! injected messages (ParseComplete, CloseComplete, one CommandComplete) are removed from
+//! the stream back to the client.
 
+use super::stmt_sql::{self, Effect};
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 
 /// A client's statement as the server knows it.
+#[derive(Debug)]
 pub struct Stmt {
     pub server_name: String,
     /// Parse body after the statement name: query string, parameter count and types.
     pub rest: Vec<u8>,
 }
 
-/// One client's named statements.
+/// One client's statements.
 #[derive(Default)]
 pub struct ClientStatements {
     map: HashMap<Vec<u8>, Arc<Stmt>>,
     client_id: u64,
     next: u64,
+    /// Rename named statements (`--max-prepared-statements` > 0).
+    rename: bool,
+    /// Parse body of the client's unnamed statement, valid when `has_unnamed`.
+    unnamed: Vec<u8>,
+    has_unnamed: bool,
+    /// Bumped at each unnamed Parse: matches late answers to the Parse they belong to.
+    unnamed_gen: u64,
+    /// The server holds the client's unnamed statement: parsed in the current batch.
+    unnamed_fresh: bool,
+    /// The same, confirmed by a ParseComplete on a server the client still keeps.
+    unnamed_confirmed: bool,
 }
 
 impl ClientStatements {
-    pub fn new(client_id: u64) -> Self {
+    pub fn new(client_id: u64, rename: bool) -> Self {
         ClientStatements {
-            map: HashMap::new(),
             client_id,
-            next: 0,
+            rename,
+            ..Default::default()
         }
     }
 
@@ -45,6 +71,21 @@ impl ClientStatements {
     pub fn clear(&mut self) {
         self.map.clear();
     }
+
+    /// The server connection went away or is given up: nothing on the next one is known.
+    pub fn server_lost(&mut self) {
+        self.unnamed_fresh = false;
+        self.unnamed_confirmed = false;
+    }
+
+    fn forget_unnamed(&mut self) {
+        self.has_unnamed = false;
+        self.unnamed_fresh = false;
+        self.unnamed_confirmed = false;
+        if self.unnamed.capacity() > 64 * 1024 {
+            self.unnamed = Vec::new();
+        }
+    }
 }
 
 /// Names prepared on one server connection, oldest first.
@@ -52,6 +93,9 @@ impl ClientStatements {
 pub struct ServerStatements {
     set: HashSet<String>,
     order: VecDeque<String>,
+    /// A statement may be prepared here that the set does not list (a `DISCARD ALL` that
+    /// failed part-way): close each name before preparing it.
+    close_first: bool,
 }
 
 impl ServerStatements {
@@ -88,11 +132,28 @@ impl ServerStatements {
 /// A response the server owes for a forwarded message, in order.
 #[derive(Debug)]
 pub enum Expect {
-    /// ParseComplete; `strip` when the proxy injected the Parse; `name` to forget on error.
-    Parse { strip: bool, name: String },
+    /// ParseComplete; `strip` when the proxy injected the Parse; `name` (if tracked) to
+    /// forget on error; `unnamed`: the generation of an unnamed Parse.
+    Parse {
+        strip: bool,
+        name: String,
+        unnamed: Option<u64>,
+    },
     /// CloseComplete; `name`: the server statement closed, if the proxy tracks it.
     Close { strip: bool, name: Option<String> },
-    /// ReadyForQuery after a Sync.
+    /// The CommandComplete of an injected SQL `PREPARE` (removed).
+    Command,
+    /// A translated `DEALLOCATE`: the client's statement, given back if it fails;
+    /// `had`: it was prepared on the server.
+    Dealloc {
+        client: Vec<u8>,
+        stmt: Arc<Stmt>,
+        had: bool,
+    },
+    /// A query with `DISCARD ALL`/`DEALLOCATE ALL`: the client's statements before it,
+    /// given back if the query fails.
+    DropAll { saved: HashMap<Vec<u8>, Arc<Stmt>> },
+    /// ReadyForQuery after a Sync (or a simple Query, or a FunctionCall).
     Sync,
 }
 
@@ -118,20 +179,35 @@ impl Expectations {
         self.queue.clear();
     }
 
-    /// ParseComplete ('1') or CloseComplete ('3') arrived.
-    pub fn on_complete(&mut self, tag: u8) -> Verdict {
-        match (tag, self.queue.front()) {
-            (b'1', Some(Expect::Parse { strip, .. }))
-            | (b'3', Some(Expect::Close { strip, .. })) => {
-                let s = *strip;
-                self.queue.pop_front();
-                if s {
-                    Verdict::Strip
-                } else {
-                    Verdict::Keep
+    /// A message of type `tag` being received may have to be removed: hold it back.
+    pub fn holds(&self, tag: u8) -> bool {
+        matches!(
+            (tag, self.queue.front()),
+            (b'1', Some(Expect::Parse { strip: true, .. }))
+                | (b'3', Some(Expect::Close { strip: true, .. }))
+                | (b'C', Some(Expect::Command))
+        )
+    }
+
+    /// ParseComplete ('1'), CloseComplete ('3') or CommandComplete ('C') arrived.
+    pub fn on_complete(&mut self, tag: u8, client: &mut ClientStatements) -> Verdict {
+        let verdict = match (tag, self.queue.front()) {
+            (b'1', Some(Expect::Parse { strip, unnamed, .. })) => {
+                if *unnamed == Some(client.unnamed_gen) && client.has_unnamed {
+                    client.unnamed_confirmed = true;
                 }
+                *strip
             }
-            _ => Verdict::Keep,
+            (b'3', Some(Expect::Close { strip, .. })) => *strip,
+            (b'C', Some(Expect::Command)) => true,
+            (b'C', Some(Expect::Dealloc { .. })) => false,
+            _ => return Verdict::Keep,
+        };
+        self.queue.pop_front();
+        if verdict {
+            Verdict::Strip
+        } else {
+            Verdict::Keep
         }
     }
 
@@ -140,17 +216,45 @@ impl Expectations {
     /// failed or came after the failure) must not be remembered as prepared, and a
     /// statement whose Close was skipped is still prepared: preparing it again under the
     /// same name would fail.
-    pub fn on_error(&mut self, server: &mut ServerStatements) {
+    pub fn on_error(&mut self, server: &mut ServerStatements, client: &mut ClientStatements) {
+        // Whatever unnamed statement the server holds now is not known to be the client's.
+        client.unnamed_confirmed = false;
         while let Some(e) = self.queue.front() {
+            if matches!(e, Expect::Sync) {
+                break;
+            }
+            let Some(e) = self.queue.pop_front() else {
+                break;
+            };
             match e {
-                Expect::Sync => break,
-                Expect::Parse { name, .. } => server.remove(name),
+                Expect::Parse { name, unnamed, .. } => {
+                    server.remove(&name);
+                    if unnamed == Some(client.unnamed_gen) {
+                        client.forget_unnamed();
+                    }
+                }
                 Expect::Close {
                     name: Some(name), ..
-                } => server.insert(name),
-                Expect::Close { name: None, .. } => {}
+                } => server.insert(&name),
+                Expect::Dealloc {
+                    client: c,
+                    stmt,
+                    had,
+                } => {
+                    if had {
+                        server.insert(&stmt.server_name);
+                    }
+                    client.map.entry(c).or_insert(stmt);
+                }
+                Expect::DropAll { saved } => {
+                    // It may have run before the error; the server's list is empty and
+                    // `close_first` set, so statements given back are prepared again safely.
+                    for (k, v) in saved {
+                        client.map.entry(k).or_insert(v);
+                    }
+                }
+                _ => {}
             }
-            self.queue.pop_front();
         }
     }
 
@@ -167,8 +271,12 @@ impl Expectations {
         }
     }
 
-    /// ReadyForQuery arrived.
-    pub fn on_ready(&mut self) {
+    /// ReadyForQuery with transaction status `status` arrived.
+    pub fn on_ready(&mut self, status: u8, client: &mut ClientStatements) {
+        if status == b'I' {
+            // Outside a transaction the server goes back to the pool.
+            client.unnamed_confirmed = false;
+        }
         while let Some(e) = self.queue.pop_front() {
             if matches!(e, Expect::Sync) {
                 break;
@@ -191,9 +299,13 @@ fn put_msg(out: &mut Vec<u8>, tag: u8, parts: &[&[u8]]) {
     }
 }
 
-/// Rewrites one complete client message (`msg` includes type and length) for the server
-/// that will receive it, recording which responses to expect. Returns true when `out`
-/// holds the bytes to forward instead (possibly with injected messages before it).
+/// Bytes of a simple Query held for rewriting (the rest of a longer one streams through).
+pub const QUERY_HOLD: usize = 8192;
+
+/// Rewrites one complete client message (`msg` includes type and length; a simple Query
+/// may be cut at [`QUERY_HOLD`]) for the server that will receive it, recording which
+/// responses to expect. Returns true when `out` holds the bytes to forward instead
+/// (possibly with injected messages before it).
 pub fn rewrite(
     msg: &[u8],
     client: &mut ClientStatements,
@@ -210,9 +322,24 @@ pub fn rewrite(
                 return false;
             };
             if name.is_empty() {
+                client.unnamed.clear();
+                client.unnamed.extend_from_slice(rest);
+                client.has_unnamed = true;
+                client.unnamed_gen += 1;
+                client.unnamed_fresh = true;
+                client.unnamed_confirmed = false;
                 expect.queue.push_back(Expect::Parse {
                     strip: false,
                     name: String::new(),
+                    unnamed: Some(client.unnamed_gen),
+                });
+                return false;
+            }
+            if !client.rename {
+                expect.queue.push_back(Expect::Parse {
+                    strip: false,
+                    name: String::new(),
+                    unnamed: None,
                 });
                 return false;
             }
@@ -223,6 +350,7 @@ pub fn rewrite(
             expect.queue.push_back(Expect::Parse {
                 strip: false,
                 name: stmt.server_name.clone(),
+                unnamed: None,
             });
             true
         }
@@ -233,7 +361,11 @@ pub fn rewrite(
             let Some((name, params)) = cstr(rest) else {
                 return false;
             };
-            let Some(stmt) = (!name.is_empty())
+            if name.is_empty() {
+                return use_unnamed(msg, client, expect, out);
+            }
+            let Some(stmt) = client
+                .rename
                 .then(|| client.map.get(name).cloned())
                 .flatten()
             else {
@@ -248,37 +380,40 @@ pub fn rewrite(
             true
         }
         b'D' | b'C' => {
+            let untracked_close = |expect: &mut Expectations| {
+                if tag == b'C' {
+                    expect.queue.push_back(Expect::Close {
+                        strip: false,
+                        name: None,
+                    });
+                }
+            };
             let Some((&kind, rest)) = body.split_first() else {
                 return false;
             };
-            if kind != b'S' {
-                if tag == b'C' {
-                    expect.queue.push_back(Expect::Close {
-                        strip: false,
-                        name: None,
-                    });
+            let name = cstr(rest).map(|(n, _)| n);
+            match (kind, name) {
+                (b'S', Some([])) if tag == b'D' => return use_unnamed(msg, client, expect, out),
+                (b'S', Some([])) => {
+                    // The server now has no unnamed statement, nor has the client.
+                    client.forget_unnamed();
+                    client.unnamed_fresh = true;
+                    untracked_close(expect);
+                    return false;
                 }
-                return false;
+                (b'S', Some(_)) => {}
+                _ => {
+                    untracked_close(expect);
+                    return false;
+                }
             }
-            let Some((name, _)) = cstr(rest) else {
-                return false;
-            };
-            if name.is_empty() {
-                if tag == b'C' {
-                    expect.queue.push_back(Expect::Close {
-                        strip: false,
-                        name: None,
-                    });
-                }
-                return false;
-            }
-            let Some(stmt) = client.map.get(name).cloned() else {
-                if tag == b'C' {
-                    expect.queue.push_back(Expect::Close {
-                        strip: false,
-                        name: None,
-                    });
-                }
+            let name = name.unwrap_or_default();
+            let Some(stmt) = client
+                .rename
+                .then(|| client.map.get(name).cloned())
+                .flatten()
+            else {
+                untracked_close(expect);
                 return false;
             };
             if tag == b'D' {
@@ -295,33 +430,112 @@ pub fn rewrite(
             true
         }
         b'S' => {
+            client.unnamed_fresh = false;
+            expect.queue.push_back(Expect::Sync);
+            false
+        }
+        b'F' => {
             expect.queue.push_back(Expect::Sync);
             false
         }
         b'Q' => {
-            // Statements that drop prepared statements wholesale: forget them here too.
-            let sql = cstr(body).map(|(s, _)| s).unwrap_or(body);
-            if let Some(words) = leading_words(sql) {
-                match words.as_slice() {
-                    [a, b, ..] if a == "deallocate" && b == "all" => {
-                        client.clear();
-                        server.clear();
-                    }
-                    [a, b, c, ..] if a == "deallocate" && b == "prepare" && c == "all" => {
-                        client.clear();
-                        server.clear();
-                    }
-                    [a, b, ..] if a == "discard" && b == "all" => {
-                        client.clear();
-                        server.clear();
-                    }
-                    _ => {}
-                }
-            }
-            false
+            // A simple Query destroys the unnamed statement.
+            client.forget_unnamed();
+            let replaced = query(body, client, server, expect, out);
+            expect.queue.push_back(Expect::Sync);
+            replaced
         }
         _ => false,
     }
+}
+
+/// A simple Query: track statements that drop prepared statements, translate a
+/// `DEALLOCATE name` of a protocol-level statement.
+fn query(
+    body: &[u8],
+    client: &mut ClientStatements,
+    server: &mut ServerStatements,
+    expect: &mut Expectations,
+    out: &mut Vec<u8>,
+) -> bool {
+    // A Query cut at the hold limit has no terminating NUL (the text cannot contain one).
+    let (sql, whole) = match cstr(body) {
+        Some((s, _)) => (s, true),
+        None => (body, false),
+    };
+    match stmt_sql::effect(sql) {
+        Effect::None => false,
+        Effect::DropAll => {
+            // Other clients' statements here are gone, or may be if the query fails.
+            server.clear();
+            server.close_first = true;
+            let saved = std::mem::take(&mut client.map);
+            expect.queue.push_back(Expect::DropAll { saved });
+            false
+        }
+        Effect::Deallocate(name) => {
+            let Some(stmt) = client
+                .rename
+                .then(|| client.map.get(&name).cloned())
+                .flatten()
+            else {
+                // A statement of SQL PREPARE, or none: the server answers as it would.
+                return false;
+            };
+            if !whole {
+                return false;
+            }
+            let had = server.contains(&stmt.server_name);
+            client.map.remove(&name);
+            let sql = if had {
+                server.remove(&stmt.server_name);
+                format!("DEALLOCATE {}", stmt.server_name)
+            } else {
+                // Not prepared on this server: prepare a placeholder so that the answer
+                // is DEALLOCATE's own, and remove the PREPARE's CommandComplete.
+                expect.queue.push_back(Expect::Command);
+                format!("PREPARE {0} AS SELECT; DEALLOCATE {0}", stmt.server_name)
+            };
+            put_msg(out, b'Q', &[sql.as_bytes(), &[0]]);
+            expect.queue.push_back(Expect::Dealloc {
+                client: name,
+                stmt,
+                had,
+            });
+            true
+        }
+    }
+}
+
+/// A Bind or Describe of the unnamed statement (`msg`).
+fn use_unnamed(
+    msg: &[u8],
+    client: &mut ClientStatements,
+    expect: &mut Expectations,
+    out: &mut Vec<u8>,
+) -> bool {
+    if client.unnamed_fresh || client.unnamed_confirmed {
+        return false;
+    }
+    if client.has_unnamed {
+        put_msg(out, b'P', &[&[0], &client.unnamed]);
+        expect.queue.push_back(Expect::Parse {
+            strip: true,
+            name: String::new(),
+            unnamed: Some(client.unnamed_gen),
+        });
+    } else {
+        // The server's unnamed statement, if any, is not this client's: drop it, and the
+        // Bind fails with 26000 as it would on the client's own connection.
+        put_msg(out, b'C', &[b"S", &[0]]);
+        expect.queue.push_back(Expect::Close {
+            strip: true,
+            name: None,
+        });
+    }
+    client.unnamed_fresh = true;
+    out.extend_from_slice(msg);
+    true
 }
 
 /// Prepares `stmt` on the server first if it lacks it.
@@ -336,11 +550,19 @@ fn ensure(
         return;
     }
     evict(out, server, expect, cap);
+    if server.close_first {
+        put_msg(out, b'C', &[b"S", stmt.server_name.as_bytes(), &[0]]);
+        expect.queue.push_back(Expect::Close {
+            strip: true,
+            name: None,
+        });
+    }
     put_msg(out, b'P', &[stmt.server_name.as_bytes(), &[0], &stmt.rest]);
     server.insert(&stmt.server_name);
     expect.queue.push_back(Expect::Parse {
         strip: true,
         name: stmt.server_name.clone(),
+        unnamed: None,
     });
 }
 
@@ -359,19 +581,6 @@ fn evict(out: &mut Vec<u8>, server: &mut ServerStatements, expect: &mut Expectat
     }
 }
 
-/// The first three words of a short SQL string, lower-cased (None for long ones).
-fn leading_words(sql: &[u8]) -> Option<Vec<String>> {
-    let head = &sql[..sql.len().min(64)];
-    let s = std::str::from_utf8(head).ok()?;
-    Some(
-        s.split(|c: char| c.is_whitespace() || c == ';')
-            .filter(|w| !w.is_empty())
-            .take(3)
-            .map(|w| w.to_ascii_lowercase())
-            .collect(),
-    )
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -384,14 +593,14 @@ mod tests {
 
     #[test]
     fn parse_then_bind_elsewhere_injects_and_strips() {
-        let mut c = ClientStatements::new(7);
+        let mut c = ClientStatements::new(7, true);
         let mut s1 = ServerStatements::default();
         let mut e1 = Expectations::default();
         let parse = msg(b'P', b"s1\0SELECT 1\0\0\0");
         let mut out = Vec::new();
         assert!(rewrite(&parse, &mut c, &mut s1, &mut e1, 10, &mut out));
         assert!(out.windows(8).any(|w| w == b"pgsl_7_1"));
-        assert_eq!(e1.on_complete(b'1'), Verdict::Keep);
+        assert_eq!(e1.on_complete(b'1', &mut c), Verdict::Keep);
         // A second server has never seen the statement: Bind gets a Parse in front of it.
         let mut s2 = ServerStatements::default();
         let mut e2 = Expectations::default();
@@ -400,7 +609,7 @@ mod tests {
         assert!(rewrite(&bind, &mut c, &mut s2, &mut e2, 10, &mut out));
         assert_eq!(out[0], b'P');
         assert!(s2.contains("pgsl_7_1"));
-        assert_eq!(e2.on_complete(b'1'), Verdict::Strip);
+        assert_eq!(e2.on_complete(b'1', &mut c), Verdict::Strip);
         // Same server again: no injection.
         let mut e3 = Expectations::default();
         out.clear();
@@ -411,7 +620,7 @@ mod tests {
 
     #[test]
     fn eviction_closes_oldest_and_error_forgets_failed_parse() {
-        let mut c = ClientStatements::new(1);
+        let mut c = ClientStatements::new(1, true);
         let mut s = ServerStatements::default();
         let mut e = Expectations::default();
         for i in 0..3 {
@@ -424,9 +633,9 @@ mod tests {
         let p = msg(b'P', b"bad\0SELEC\0\0\0");
         let _ = rewrite(&p, &mut c, &mut s, &mut e, 10, &mut Vec::new());
         let _ = rewrite(&msg(b'S', b""), &mut c, &mut s, &mut e, 10, &mut Vec::new());
-        e.on_error(&mut s);
+        e.on_error(&mut s, &mut c);
         assert!(!s.contains("pgsl_1_4"));
-        e.on_ready();
+        e.on_ready(b'I', &mut c);
         assert!(e.is_empty());
     }
 
@@ -434,7 +643,7 @@ mod tests {
     /// failure, so none of them may change what the proxy believes is prepared.
     #[test]
     fn error_skips_every_later_parse_and_close() {
-        let mut c = ClientStatements::new(3);
+        let mut c = ClientStatements::new(3, true);
         let mut old = ServerStatements::default();
         for name in ["a", "b", "c"] {
             let p = msg(b'P', format!("{name}\0SELECT 1\0\0\0").as_bytes());
@@ -453,9 +662,9 @@ mod tests {
         assert!(s.contains("pgsl_3_2") && s.contains("pgsl_3_3") && !s.contains("pgsl_3_1"));
         // a's ParseComplete arrives, then a's Execute fails: the Close of a and the
         // Parses of b and c are skipped.
-        assert_eq!(e.on_complete(b'1'), Verdict::Strip);
-        e.on_error(&mut s);
-        e.on_ready();
+        assert_eq!(e.on_complete(b'1', &mut c), Verdict::Strip);
+        e.on_error(&mut s, &mut c);
+        e.on_ready(b'I', &mut c);
         assert!(e.is_empty());
         assert!(
             s.contains("pgsl_3_1"),
@@ -471,7 +680,7 @@ mod tests {
 
     #[test]
     fn unnamed_and_unknown_pass_through() {
-        let mut c = ClientStatements::new(1);
+        let mut c = ClientStatements::new(1, true);
         let mut s = ServerStatements::default();
         let mut e = Expectations::default();
         let mut out = Vec::new();
