@@ -228,6 +228,32 @@ async fn sql_deallocate_and_discard_act_on_client_names() {
         step(p, "s4 is still there after ROLLBACK", 2, |k| {
             k.query("ROLLBACK").bind("s4", &[]).execute().sync();
         }),
+    ];
+    differential(
+        &[
+            "--pool-mode",
+            "transaction",
+            "--pool-size",
+            "1",
+            "--max-prepared-statements",
+            "2",
+        ],
+        3,
+        &steps,
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn discard_all_after_a_comment_or_as_a_later_statement() {
+    let (q, r) = (0, 1);
+    let steps = [
+        step(r, "R prepares r1", 1, |k| {
+            k.parse("r1", "SELECT 'R1'").sync();
+        }),
+        step(q, "Q prepares q1", 1, |k| {
+            k.parse("q1", "SELECT 'Q1'").sync();
+        }),
         step(r, "R prepares r2", 1, |k| {
             k.parse("r2", "SELECT 'R2'").sync();
         }),
@@ -280,15 +306,8 @@ async fn sql_deallocate_and_discard_act_on_client_names() {
         }),
     ];
     differential(
-        &[
-            "--pool-mode",
-            "transaction",
-            "--pool-size",
-            "1",
-            "--max-prepared-statements",
-            "2",
-        ],
-        3,
+        &["--pool-mode", "transaction", "--pool-size", "1"],
+        2,
         &steps,
     )
     .await;
