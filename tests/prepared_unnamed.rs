@@ -298,6 +298,20 @@ async fn discard_all_after_a_comment_or_as_a_later_statement() {
         step(r, "R binds r3 and r1", 1, |k| {
             k.bind("r3", &[]).execute().bind("r1", &[]).execute().sync();
         }),
+        step(r, "R prepares r4", 1, |k| {
+            k.parse("r4", "SELECT 'R4'").sync();
+        }),
+        step(
+            q,
+            "DEALLOCATE ALL past the first 8 KiB of a query",
+            1,
+            |k| {
+                k.query(&format!("SELECT '{}'; DEALLOCATE ALL", "x".repeat(9000)));
+            },
+        ),
+        step(r, "R binds r4", 1, |k| {
+            k.bind("r4", &[]).execute().sync();
+        }),
         step(r, "DISCARD ALL in a transaction fails", 3, |k| {
             k.query("BEGIN").query("DISCARD ALL").query("ROLLBACK");
         }),

@@ -18,7 +18,7 @@
 //! injected messages (ParseComplete, CloseComplete, one CommandComplete) are removed from
 //! the stream back to the client.
 
-use super::stmt_sql::{self, Effect};
+use super::stmt_sql::{self, Effect, TailWatch};
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 
@@ -47,6 +47,8 @@ pub struct ClientStatements {
     unnamed_fresh: bool,
     /// The same, confirmed by a ParseComplete on a server the client still keeps.
     unnamed_confirmed: bool,
+    /// The rest of a query too long to be held is streaming by.
+    tail: Option<TailWatch>,
 }
 
 impl ClientStatements {
@@ -74,8 +76,25 @@ impl ClientStatements {
 
     /// The server connection went away or is given up: nothing on the next one is known.
     pub fn server_lost(&mut self) {
+        self.tail = None;
         self.unnamed_fresh = false;
         self.unnamed_confirmed = false;
+    }
+
+    /// Bytes of a long query streaming to `server`; `last`: its end is among them. A
+    /// mention of DISCARD or DEALLOCATE there may have dropped any statement on the server.
+    pub fn watch_tail(&mut self, bytes: &[u8], last: bool, server: &mut ServerStatements) {
+        let Some(w) = self.tail.as_mut() else {
+            return;
+        };
+        w.feed(bytes);
+        if w.hit {
+            server.clear();
+            server.close_first = true;
+        }
+        if last || w.hit {
+            self.tail = None;
+        }
     }
 
     fn forget_unnamed(&mut self) {
@@ -463,6 +482,9 @@ fn query(
         Some((s, _)) => (s, true),
         None => (body, false),
     };
+    if !whole {
+        client.tail = Some(TailWatch::default());
+    }
     match stmt_sql::effect(sql) {
         Effect::None => false,
         Effect::DropAll => {
@@ -485,6 +507,7 @@ fn query(
             if !whole {
                 return false;
             }
+            client.tail = None;
             let had = server.contains(&stmt.server_name);
             client.map.remove(&name);
             let sql = if had {

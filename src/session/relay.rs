@@ -168,6 +168,9 @@ impl RelayState {
             let end = self.c2s.end;
             if self.rw_stream > 0 {
                 let take = self.rw_stream.min(end - self.rw_pos);
+                let last = take == self.rw_stream;
+                let bytes = self.c2s.slice(self.rw_pos, self.rw_pos + take);
+                self.stmts.watch_tail(bytes, last, server);
                 self.rw_pos += take;
                 self.rw_stream -= take;
                 if self.rw_stream > 0 {

@@ -221,6 +221,38 @@ pub fn effect(sql: &[u8]) -> Effect {
     }
 }
 
+/// Watches the part of a long query past what is held for [`effect`], as it streams by,
+/// for the words `discard` and `deallocate` anywhere (quoting is not followed: a mention
+/// in a literal counts too, which only costs re-preparing statements).
+#[derive(Default)]
+pub struct TailWatch {
+    /// Bytes of each word matched so far.
+    matched: [usize; 2],
+    pub hit: bool,
+}
+
+const WORDS: [&[u8]; 2] = [b"discard", b"deallocate"];
+
+impl TailWatch {
+    pub fn feed(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            let b = b.to_ascii_lowercase();
+            for (m, w) in self.matched.iter_mut().zip(WORDS) {
+                // Neither word repeats its first letter, so a mismatch restarts at 0 or 1.
+                *m = if w[*m] == b {
+                    *m + 1
+                } else {
+                    usize::from(w[0] == b)
+                };
+                if *m == w.len() {
+                    self.hit = true;
+                    *m = 0;
+                }
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::{effect, Effect};
@@ -276,6 +308,17 @@ mod tests {
         assert_eq!(effect(b"DEALLOCATE a b"), Effect::None);
         assert_eq!(effect(b"DEALLOCATE"), Effect::None);
         assert_eq!(effect(b"DEALLOCATE 'a'"), Effect::None);
+    }
+
+    #[test]
+    fn tail_watch_across_chunks() {
+        let mut w = super::TailWatch::default();
+        w.feed(b"select ddisc");
+        w.feed(b"ARD");
+        assert!(w.hit);
+        let mut w = super::TailWatch::default();
+        w.feed(b"deal dealloc ate discar");
+        assert!(!w.hit);
     }
 
     #[test]
