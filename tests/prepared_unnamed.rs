@@ -212,6 +212,26 @@ async fn sql_deallocate_and_discard_act_on_client_names() {
                 .execute()
                 .sync();
         }),
+        step(p, "P prepares s5", 1, |k| {
+            k.parse("s5", "SELECT 'P5'").sync();
+        }),
+        step(r, "R prepares r5: P's s5 is evicted", 1, |k| {
+            k.parse("r5", "SELECT 'R5'").sync();
+        }),
+        step(q, "Q prepares q5", 1, |k| {
+            k.parse("q5", "SELECT 'Q5'").sync();
+        }),
+        step(
+            p,
+            "extended-protocol DEALLOCATE (psycopg's pipeline mode)",
+            1,
+            |k| {
+                k.parse("", "DEALLOCATE s5").bind("", &[]).execute().sync();
+            },
+        ),
+        step(p, "bind s5 after it", 1, |k| {
+            k.bind("s5", &[]).execute().sync();
+        }),
         step(p, "DEALLOCATE of an unknown name", 1, |k| {
             k.query("DEALLOCATE nosuch");
         }),

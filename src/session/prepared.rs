@@ -18,7 +18,7 @@
 //! injected messages (ParseComplete, CloseComplete, one CommandComplete) are removed from
 //! the stream back to the client.
 
-use super::stmt_sql::{self, Effect, TailWatch};
+use super::stmt_sql::TailWatch;
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 
@@ -341,8 +341,11 @@ pub fn rewrite(
                 return false;
             };
             if name.is_empty() {
-                client.unnamed.clear();
-                client.unnamed.extend_from_slice(rest);
+                let replaced = sql::unnamed_parse(rest, client, server, expect, cap, out);
+                if !replaced {
+                    client.unnamed.clear();
+                    client.unnamed.extend_from_slice(rest);
+                }
                 client.has_unnamed = true;
                 client.unnamed_gen += 1;
                 client.unnamed_fresh = true;
@@ -352,7 +355,7 @@ pub fn rewrite(
                     name: String::new(),
                     unnamed: Some(client.unnamed_gen),
                 });
-                return false;
+                return replaced;
             }
             if !client.rename {
                 expect.queue.push_back(Expect::Parse {
@@ -460,73 +463,11 @@ pub fn rewrite(
         b'Q' => {
             // A simple Query destroys the unnamed statement.
             client.forget_unnamed();
-            let replaced = query(body, client, server, expect, out);
+            let replaced = sql::query(body, client, server, expect, out);
             expect.queue.push_back(Expect::Sync);
             replaced
         }
         _ => false,
-    }
-}
-
-/// A simple Query: track statements that drop prepared statements, translate a
-/// `DEALLOCATE name` of a protocol-level statement.
-fn query(
-    body: &[u8],
-    client: &mut ClientStatements,
-    server: &mut ServerStatements,
-    expect: &mut Expectations,
-    out: &mut Vec<u8>,
-) -> bool {
-    // A Query cut at the hold limit has no terminating NUL (the text cannot contain one).
-    let (sql, whole) = match cstr(body) {
-        Some((s, _)) => (s, true),
-        None => (body, false),
-    };
-    if !whole {
-        client.tail = Some(TailWatch::default());
-    }
-    match stmt_sql::effect(sql) {
-        Effect::None => false,
-        Effect::DropAll => {
-            // Other clients' statements here are gone, or may be if the query fails.
-            server.clear();
-            server.close_first = true;
-            let saved = std::mem::take(&mut client.map);
-            expect.queue.push_back(Expect::DropAll { saved });
-            false
-        }
-        Effect::Deallocate(name) => {
-            let Some(stmt) = client
-                .rename
-                .then(|| client.map.get(&name).cloned())
-                .flatten()
-            else {
-                // A statement of SQL PREPARE, or none: the server answers as it would.
-                return false;
-            };
-            if !whole {
-                return false;
-            }
-            client.tail = None;
-            let had = server.contains(&stmt.server_name);
-            client.map.remove(&name);
-            let sql = if had {
-                server.remove(&stmt.server_name);
-                format!("DEALLOCATE {}", stmt.server_name)
-            } else {
-                // Not prepared on this server: prepare a placeholder so that the answer
-                // is DEALLOCATE's own, and remove the PREPARE's CommandComplete.
-                expect.queue.push_back(Expect::Command);
-                format!("PREPARE {0} AS SELECT; DEALLOCATE {0}", stmt.server_name)
-            };
-            put_msg(out, b'Q', &[sql.as_bytes(), &[0]]);
-            expect.queue.push_back(Expect::Dealloc {
-                client: name,
-                stmt,
-                had,
-            });
-            true
-        }
     }
 }
 
@@ -603,6 +544,9 @@ fn evict(out: &mut Vec<u8>, server: &mut ServerStatements, expect: &mut Expectat
         });
     }
 }
+
+#[path = "prepared_sql.rs"]
+mod sql;
 
 #[cfg(test)]
 #[path = "prepared_tests.rs"]
