@@ -15,6 +15,9 @@ pub struct IgnoredSyncs {
     last: u8,
     /// Syncs since `last`.
     syncs: usize,
+    /// The server is in copy-in mode (CopyInResponse seen, no error or ReadyForQuery
+    /// since); kept up to date by the relay's server scan.
+    pub(super) server_in_copy: bool,
 }
 
 impl IgnoredSyncs {
@@ -45,16 +48,19 @@ impl IgnoredSyncs {
     }
 }
 
-/// The client is gone while its server is in copy-in mode: the CopyFail to send, with
-/// the bookkeeping updated as if the client had sent it. The server then answers with an
-/// ErrorResponse (the transaction rolls back) and, after a COPY started by a simple
+/// CopyFail with the reason the backend will log.
+pub(super) const COPY_FAIL: &[u8] = b"f\0\0\0\x2epgsluice: client disconnected during COPY\0";
+
+/// The client is gone while its server is in copy-in mode: true when [`COPY_FAIL`] must be
+/// sent; the bookkeeping is updated as if the client had sent it. The server then answers
+/// with an ErrorResponse (the transaction rolls back) and, after a COPY started by a simple
 /// Query, ReadyForQuery; after an extended-protocol one it waits for a Sync, so
 /// `open_batch` is set for the caller to send one.
-pub(super) fn abort_copy_in(st: &mut RelayState) -> Option<Vec<u8>> {
-    if !st.copy_in {
-        return None;
+pub(super) fn abort_copy_in(st: &mut RelayState) -> bool {
+    if !st.copy_scan.server_in_copy {
+        return false;
     }
-    st.copy_in = false;
+    st.copy_scan.server_in_copy = false;
     let extended = st.copy_scan.extended();
     // Syncs sent since the COPY's Execute were ignored by the server: none is answered.
     let ignored = st.copy_scan.on_message(b'f');
@@ -63,12 +69,7 @@ pub(super) fn abort_copy_in(st: &mut RelayState) -> Option<Vec<u8>> {
     if extended {
         st.open_batch = true;
     }
-    const MSG: &[u8] = b"pgsluice: client disconnected during COPY\0";
-    let mut b = Vec::with_capacity(5 + MSG.len());
-    b.push(b'f');
-    b.extend_from_slice(&(4 + MSG.len() as i32).to_be_bytes());
-    b.extend_from_slice(MSG);
-    Some(b)
+    true
 }
 
 #[cfg(test)]
@@ -86,6 +87,16 @@ mod tests {
         assert_eq!(feed(b"BESddcS"), [0, 0, 0, 0, 0, 1, 0]);
         // CopyFail, and a Flush instead of data.
         assert_eq!(feed(b"PBESHfS"), [0, 0, 0, 0, 0, 1, 0]);
+    }
+
+    #[test]
+    fn copy_fail_is_well_formed() {
+        let m = super::COPY_FAIL;
+        assert_eq!(
+            i32::from_be_bytes([m[1], m[2], m[3], m[4]]) as usize,
+            m.len() - 1
+        );
+        assert_eq!(m.last(), Some(&0));
     }
 
     #[test]

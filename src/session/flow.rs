@@ -324,8 +324,8 @@ impl Session {
         let session_mode = self.cfg.pool_mode == PoolMode::Session;
         let st = &mut self.st;
         let reset = async {
-            if let Some(fail) = super::copyin::abort_copy_in(st) {
-                server.stream.write_all(&fail).await?;
+            if super::copyin::abort_copy_in(st) {
+                server.stream.write_all(super::copyin::COPY_FAIL).await?;
             }
             if st.open_batch {
                 let mut b = BytesMut::new();

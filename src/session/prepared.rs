@@ -33,11 +33,17 @@ pub struct Stmt {
 /// One client's statements.
 #[derive(Default)]
 pub struct ClientStatements {
-    map: HashMap<Vec<u8>, Arc<Stmt>>,
     client_id: u64,
     next: u64,
-    /// Rename named statements (`--max-prepared-statements` > 0).
-    rename: bool,
+    /// Boxed, allocated at first use: every session carries this struct (several times
+    /// over in its future), not every session prepares statements.
+    rare: Option<Box<Rare>>,
+}
+
+#[derive(Default)]
+struct Rare {
+    /// Named statements by the client's name.
+    map: HashMap<Vec<u8>, Arc<Stmt>>,
     /// Parse body of the client's unnamed statement, valid when `has_unnamed`.
     unnamed: Vec<u8>,
     has_unnamed: bool,
@@ -52,10 +58,9 @@ pub struct ClientStatements {
 }
 
 impl ClientStatements {
-    pub fn new(client_id: u64, rename: bool) -> Self {
+    pub fn new(client_id: u64) -> Self {
         ClientStatements {
             client_id,
-            rename,
             ..Default::default()
         }
     }
@@ -66,25 +71,51 @@ impl ClientStatements {
             server_name: format!("pgsl_{}_{}", self.client_id, self.next),
             rest: rest.to_vec(),
         });
-        self.map.insert(name.to_vec(), s.clone());
+        self.rare().map.insert(name.to_vec(), s.clone());
         s
     }
 
     pub fn clear(&mut self) {
-        self.map.clear();
+        if let Some(r) = self.rare.as_mut() {
+            r.map.clear();
+        }
+    }
+
+    fn get(&self, name: &[u8]) -> Option<Arc<Stmt>> {
+        self.rare.as_ref()?.map.get(name).cloned()
+    }
+
+    fn remove(&mut self, name: &[u8]) -> Option<Arc<Stmt>> {
+        self.rare.as_mut()?.map.remove(name)
+    }
+
+    fn rare(&mut self) -> &mut Rare {
+        self.rare.get_or_insert_with(Default::default)
+    }
+
+    /// The unnamed statement on the server is not known to be the client's any more.
+    fn unconfirm(&mut self) {
+        if let Some(r) = self.rare.as_mut() {
+            r.unnamed_confirmed = false;
+        }
     }
 
     /// The server connection went away or is given up: nothing on the next one is known.
     pub fn server_lost(&mut self) {
-        self.tail = None;
-        self.unnamed_fresh = false;
-        self.unnamed_confirmed = false;
+        if let Some(r) = self.rare.as_mut() {
+            r.tail = None;
+            r.unnamed_fresh = false;
+            r.unnamed_confirmed = false;
+        }
     }
 
     /// Bytes of a long query streaming to `server`; `last`: its end is among them. A
     /// mention of DISCARD or DEALLOCATE there may have dropped any statement on the server.
     pub fn watch_tail(&mut self, bytes: &[u8], last: bool, server: &mut ServerStatements) {
-        let Some(w) = self.tail.as_mut() else {
+        let Some(r) = self.rare.as_mut() else {
+            return;
+        };
+        let Some(w) = r.tail.as_mut() else {
             return;
         };
         w.feed(bytes);
@@ -93,16 +124,19 @@ impl ClientStatements {
             server.close_first = true;
         }
         if last || w.hit {
-            self.tail = None;
+            r.tail = None;
         }
     }
 
     fn forget_unnamed(&mut self) {
-        self.has_unnamed = false;
-        self.unnamed_fresh = false;
-        self.unnamed_confirmed = false;
-        if self.unnamed.capacity() > 64 * 1024 {
-            self.unnamed = Vec::new();
+        let Some(r) = self.rare.as_mut() else {
+            return;
+        };
+        r.has_unnamed = false;
+        r.unnamed_fresh = false;
+        r.unnamed_confirmed = false;
+        if r.unnamed.capacity() > 64 * 1024 {
+            r.unnamed = Vec::new();
         }
     }
 }
@@ -212,8 +246,10 @@ impl Expectations {
     pub fn on_complete(&mut self, tag: u8, client: &mut ClientStatements) -> Verdict {
         let verdict = match (tag, self.queue.front()) {
             (b'1', Some(Expect::Parse { strip, unnamed, .. })) => {
-                if *unnamed == Some(client.unnamed_gen) && client.has_unnamed {
-                    client.unnamed_confirmed = true;
+                if let Some(r) = client.rare.as_mut() {
+                    if *unnamed == Some(r.unnamed_gen) && r.has_unnamed {
+                        r.unnamed_confirmed = true;
+                    }
                 }
                 *strip
             }
@@ -237,7 +273,7 @@ impl Expectations {
     /// same name would fail.
     pub fn on_error(&mut self, server: &mut ServerStatements, client: &mut ClientStatements) {
         // Whatever unnamed statement the server holds now is not known to be the client's.
-        client.unnamed_confirmed = false;
+        client.unconfirm();
         while let Some(e) = self.queue.front() {
             if matches!(e, Expect::Sync) {
                 break;
@@ -248,7 +284,7 @@ impl Expectations {
             match e {
                 Expect::Parse { name, unnamed, .. } => {
                     server.remove(&name);
-                    if unnamed == Some(client.unnamed_gen) {
+                    if unnamed.is_some() && unnamed == client.rare.as_ref().map(|r| r.unnamed_gen) {
                         client.forget_unnamed();
                     }
                 }
@@ -263,13 +299,13 @@ impl Expectations {
                     if had {
                         server.insert(&stmt.server_name);
                     }
-                    client.map.entry(c).or_insert(stmt);
+                    client.rare().map.entry(c).or_insert(stmt);
                 }
                 Expect::DropAll { saved } => {
                     // It may have run before the error; the server's list is empty and
                     // `close_first` set, so statements given back are prepared again safely.
                     for (k, v) in saved {
-                        client.map.entry(k).or_insert(v);
+                        client.rare().map.entry(k).or_insert(v);
                     }
                 }
                 _ => {}
@@ -294,7 +330,7 @@ impl Expectations {
     pub fn on_ready(&mut self, status: u8, client: &mut ClientStatements) {
         if status == b'I' {
             // Outside a transaction the server goes back to the pool.
-            client.unnamed_confirmed = false;
+            client.unconfirm();
         }
         while let Some(e) = self.queue.pop_front() {
             if matches!(e, Expect::Sync) {
@@ -342,22 +378,24 @@ pub fn rewrite(
             };
             if name.is_empty() {
                 let replaced = sql::unnamed_parse(rest, client, server, expect, cap, out);
+                let r = client.rare();
                 if !replaced {
-                    client.unnamed.clear();
-                    client.unnamed.extend_from_slice(rest);
+                    r.unnamed.clear();
+                    r.unnamed.extend_from_slice(rest);
                 }
-                client.has_unnamed = true;
-                client.unnamed_gen += 1;
-                client.unnamed_fresh = true;
-                client.unnamed_confirmed = false;
+                r.has_unnamed = true;
+                r.unnamed_gen += 1;
+                r.unnamed_fresh = true;
+                r.unnamed_confirmed = false;
+                let gen = r.unnamed_gen;
                 expect.queue.push_back(Expect::Parse {
                     strip: false,
                     name: String::new(),
-                    unnamed: Some(client.unnamed_gen),
+                    unnamed: Some(gen),
                 });
                 return replaced;
             }
-            if !client.rename {
+            if cap == 0 {
                 expect.queue.push_back(Expect::Parse {
                     strip: false,
                     name: String::new(),
@@ -386,11 +424,7 @@ pub fn rewrite(
             if name.is_empty() {
                 return use_unnamed(msg, client, expect, out);
             }
-            let Some(stmt) = client
-                .rename
-                .then(|| client.map.get(name).cloned())
-                .flatten()
-            else {
+            let Some(stmt) = (cap > 0).then(|| client.get(name)).flatten() else {
                 return false;
             };
             ensure(out, &stmt, server, expect, cap);
@@ -419,7 +453,7 @@ pub fn rewrite(
                 (b'S', Some([])) => {
                     // The server now has no unnamed statement, nor has the client.
                     client.forget_unnamed();
-                    client.unnamed_fresh = true;
+                    client.rare().unnamed_fresh = true;
                     untracked_close(expect);
                     return false;
                 }
@@ -430,18 +464,14 @@ pub fn rewrite(
                 }
             }
             let name = name.unwrap_or_default();
-            let Some(stmt) = client
-                .rename
-                .then(|| client.map.get(name).cloned())
-                .flatten()
-            else {
+            let Some(stmt) = (cap > 0).then(|| client.get(name)).flatten() else {
                 untracked_close(expect);
                 return false;
             };
             if tag == b'D' {
                 ensure(out, &stmt, server, expect, cap);
             } else {
-                client.map.remove(name);
+                client.remove(name);
                 server.remove(&stmt.server_name);
                 expect.queue.push_back(Expect::Close {
                     strip: false,
@@ -452,7 +482,9 @@ pub fn rewrite(
             true
         }
         b'S' => {
-            client.unnamed_fresh = false;
+            if let Some(r) = client.rare.as_mut() {
+                r.unnamed_fresh = false;
+            }
             expect.queue.push_back(Expect::Sync);
             false
         }
@@ -463,7 +495,7 @@ pub fn rewrite(
         b'Q' => {
             // A simple Query destroys the unnamed statement.
             client.forget_unnamed();
-            let replaced = sql::query(body, client, server, expect, out);
+            let replaced = sql::query(body, client, server, expect, cap, out);
             expect.queue.push_back(Expect::Sync);
             replaced
         }
@@ -478,15 +510,16 @@ fn use_unnamed(
     expect: &mut Expectations,
     out: &mut Vec<u8>,
 ) -> bool {
-    if client.unnamed_fresh || client.unnamed_confirmed {
+    let r = client.rare();
+    if r.unnamed_fresh || r.unnamed_confirmed {
         return false;
     }
-    if client.has_unnamed {
-        put_msg(out, b'P', &[&[0], &client.unnamed]);
+    if r.has_unnamed {
+        put_msg(out, b'P', &[&[0], &r.unnamed]);
         expect.queue.push_back(Expect::Parse {
             strip: true,
             name: String::new(),
-            unnamed: Some(client.unnamed_gen),
+            unnamed: Some(r.unnamed_gen),
         });
     } else {
         // The server's unnamed statement, if any, is not this client's: drop it, and the
@@ -497,7 +530,7 @@ fn use_unnamed(
             name: None,
         });
     }
-    client.unnamed_fresh = true;
+    r.unnamed_fresh = true;
     out.extend_from_slice(msg);
     true
 }

@@ -13,6 +13,7 @@ pub(super) fn query(
     client: &mut ClientStatements,
     server: &mut ServerStatements,
     expect: &mut Expectations,
+    cap: usize,
     out: &mut Vec<u8>,
 ) -> bool {
     // A Query cut at the hold limit has no terminating NUL (the text cannot contain one).
@@ -21,7 +22,7 @@ pub(super) fn query(
         None => (body, false),
     };
     if !whole {
-        client.tail = Some(TailWatch::default());
+        client.rare().tail = Some(TailWatch::default());
     }
     match stmt_sql::effect(sql) {
         Effect::None => false,
@@ -29,25 +30,23 @@ pub(super) fn query(
             // Other clients' statements here are gone, or may be if the query fails.
             server.clear();
             server.close_first = true;
-            let saved = std::mem::take(&mut client.map);
+            let saved = std::mem::take(&mut client.rare().map);
             expect.queue.push_back(Expect::DropAll { saved });
             false
         }
         Effect::Deallocate(name) => {
-            let Some(stmt) = client
-                .rename
-                .then(|| client.map.get(&name).cloned())
-                .flatten()
-            else {
+            let Some(stmt) = (cap > 0).then(|| client.get(&name)).flatten() else {
                 // A statement of SQL PREPARE, or none: the server answers as it would.
                 return false;
             };
             if !whole {
                 return false;
             }
-            client.tail = None;
+            if let Some(r) = client.rare.as_mut() {
+                r.tail = None;
+            }
             let had = server.contains(&stmt.server_name);
-            client.map.remove(&name);
+            client.remove(&name);
             let sql = if had {
                 server.remove(&stmt.server_name);
                 format!("DEALLOCATE {}", stmt.server_name)
@@ -82,7 +81,7 @@ pub(super) fn unnamed_parse(
     let Some((sql, types)) = cstr(rest) else {
         return false;
     };
-    if !client.rename || sql.len() > super::QUERY_HOLD {
+    if cap == 0 || sql.len() > super::QUERY_HOLD {
         return false;
     }
     match stmt_sql::effect(sql) {
@@ -96,18 +95,19 @@ pub(super) fn unnamed_parse(
             false
         }
         Effect::Deallocate(name) => {
-            let Some(stmt) = client.map.remove(&name) else {
+            let Some(stmt) = client.remove(&name) else {
                 return false;
             };
             // The server must hold it for DEALLOCATE to succeed, as it would directly.
             ensure(out, &stmt, server, expect, cap);
             server.remove(&stmt.server_name);
             let text = format!("DEALLOCATE {}", stmt.server_name);
-            client.unnamed.clear();
-            client.unnamed.extend_from_slice(text.as_bytes());
-            client.unnamed.push(0);
-            client.unnamed.extend_from_slice(types);
-            put_msg(out, b'P', &[&[0], &client.unnamed]);
+            let u = &mut client.rare().unnamed;
+            u.clear();
+            u.extend_from_slice(text.as_bytes());
+            u.push(0);
+            u.extend_from_slice(types);
+            put_msg(out, b'P', &[&[0], u]);
             true
         }
     }

@@ -10,7 +10,7 @@ fn msg(tag: u8, body: &[u8]) -> Vec<u8> {
 
 #[test]
 fn parse_then_bind_elsewhere_injects_and_strips() {
-    let mut c = ClientStatements::new(7, true);
+    let mut c = ClientStatements::new(7);
     let mut s1 = ServerStatements::default();
     let mut e1 = Expectations::default();
     let parse = msg(b'P', b"s1\0SELECT 1\0\0\0");
@@ -37,7 +37,7 @@ fn parse_then_bind_elsewhere_injects_and_strips() {
 
 #[test]
 fn eviction_closes_oldest_and_error_forgets_failed_parse() {
-    let mut c = ClientStatements::new(1, true);
+    let mut c = ClientStatements::new(1);
     let mut s = ServerStatements::default();
     let mut e = Expectations::default();
     for i in 0..3 {
@@ -60,7 +60,7 @@ fn eviction_closes_oldest_and_error_forgets_failed_parse() {
 /// failure, so none of them may change what the proxy believes is prepared.
 #[test]
 fn error_skips_every_later_parse_and_close() {
-    let mut c = ClientStatements::new(3, true);
+    let mut c = ClientStatements::new(3);
     let mut old = ServerStatements::default();
     for name in ["a", "b", "c"] {
         let p = msg(b'P', format!("{name}\0SELECT 1\0\0\0").as_bytes());
@@ -97,7 +97,7 @@ fn error_skips_every_later_parse_and_close() {
 
 #[test]
 fn unnamed_and_unknown_pass_through() {
-    let mut c = ClientStatements::new(1, true);
+    let mut c = ClientStatements::new(1);
     let mut s = ServerStatements::default();
     let mut e = Expectations::default();
     let mut out = Vec::new();
@@ -129,7 +129,7 @@ fn unnamed_and_unknown_pass_through() {
 
 #[test]
 fn unnamed_is_parsed_again_in_a_later_batch_only() {
-    let mut c = ClientStatements::new(1, true);
+    let mut c = ClientStatements::new(1);
     let mut s = ServerStatements::default();
     let mut e = Expectations::default();
     let mut out = Vec::new();
@@ -165,7 +165,7 @@ fn unnamed_is_parsed_again_in_a_later_batch_only() {
 
 #[test]
 fn sql_deallocate_reaches_the_server_name() {
-    let mut c = ClientStatements::new(5, true);
+    let mut c = ClientStatements::new(5);
     let mut s = ServerStatements::default();
     let mut e = Expectations::default();
     let mut out = Vec::new();

@@ -64,10 +64,9 @@ pub struct RelayState {
     /// The server sent an ErrorResponse during the current batch.
     pub saw_error: bool,
     /// Syncs ignored by a server in copy-in mode, seen by the scan and by the rewrite.
+    /// (Its `server_in_copy` also records the server's copy-in mode.)
     pub(super) copy_scan: IgnoredSyncs,
     copy_rw: IgnoredSyncs,
-    /// The server is in copy-in mode (CopyInResponse seen, no error or ReadyForQuery since).
-    pub(super) copy_in: bool,
     /// Transaction pooling: rename named statements and prepare them where needed.
     pub rewrite_on: bool,
     /// Most statements kept prepared per server connection.
@@ -110,7 +109,6 @@ impl RelayState {
             saw_error: false,
             copy_scan: IgnoredSyncs::default(),
             copy_rw: IgnoredSyncs::default(),
-            copy_in: false,
             rewrite_on: false,
             stmt_cap: 0,
             rw_pos: 0,
@@ -127,7 +125,7 @@ impl RelayState {
         // On even without renaming: unnamed statements must follow their client.
         self.rewrite_on = true;
         self.stmt_cap = cap;
-        self.stmts = ClientStatements::new(client_id, cap > 0);
+        self.stmts = ClientStatements::new(client_id);
     }
 
     /// End of what may be written upstream now.
@@ -378,7 +376,6 @@ impl RelayState {
         self.rw_stream = 0;
         self.copy_scan = IgnoredSyncs::default();
         self.copy_rw = IgnoredSyncs::default();
-        self.copy_in = false;
         self.expect.clear();
         self.stmts.server_lost();
         self.params.abandon();
@@ -414,7 +411,7 @@ impl RelayState {
             let status = &mut self.status;
             let fatal = &mut self.server_fatal;
             let saw_error = &mut self.saw_error;
-            let copy_in = &mut self.copy_in;
+            let copy_in = &mut self.copy_scan.server_in_copy;
             let expect = &mut self.expect;
             let stmts = &mut self.stmts;
             let params = &mut self.params;
