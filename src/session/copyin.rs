@@ -2,6 +2,11 @@
 //! they know the statement is a COPY, then the data, CopyDone (or CopyFail) and another
 //! Sync. A server in copy-in mode ignores Sync, so only the last one is answered with
 //! ReadyForQuery; the proxy's count of owed answers must not wait for the others.
+//!
+//! A client that leaves mid-COPY: its backend waits for data and ignores a cancel, holding
+//! its transaction and locks, so the proxy ends the COPY for it with CopyFail.
+
+use super::relay::RelayState;
 
 /// Watches a client's messages in stream order for Syncs the server will ignore.
 #[derive(Default)]
@@ -10,9 +15,17 @@ pub struct IgnoredSyncs {
     last: u8,
     /// Syncs since `last`.
     syncs: usize,
+    /// The server is in copy-in mode (CopyInResponse seen, no error or ReadyForQuery
+    /// since); kept up to date by the relay's server scan.
+    pub(super) server_in_copy: bool,
 }
 
 impl IgnoredSyncs {
+    /// The COPY under way was started by an Execute (not a simple Query).
+    fn extended(&self) -> bool {
+        self.last == b'E'
+    }
+
     /// Feeds one message tag; returns how many of the Syncs before it turned out to be
     /// ignored (non-zero only at the CopyDone/CopyFail of a COPY started by an Execute).
     pub fn on_message(&mut self, tag: u8) -> usize {
@@ -35,6 +48,30 @@ impl IgnoredSyncs {
     }
 }
 
+/// CopyFail with the reason the backend will log.
+pub(super) const COPY_FAIL: &[u8] = b"f\0\0\0\x2epgsluice: client disconnected during COPY\0";
+
+/// The client is gone while its server is in copy-in mode: true when [`COPY_FAIL`] must be
+/// sent; the bookkeeping is updated as if the client had sent it. The server then answers
+/// with an ErrorResponse (the transaction rolls back) and, after a COPY started by a simple
+/// Query, ReadyForQuery; after an extended-protocol one it waits for a Sync, so
+/// `open_batch` is set for the caller to send one.
+pub(super) fn abort_copy_in(st: &mut RelayState) -> bool {
+    if !st.copy_scan.server_in_copy {
+        return false;
+    }
+    st.copy_scan.server_in_copy = false;
+    let extended = st.copy_scan.extended();
+    // Syncs sent since the COPY's Execute were ignored by the server: none is answered.
+    let ignored = st.copy_scan.on_message(b'f');
+    st.pending = st.pending.saturating_sub(ignored);
+    st.expect.forget_syncs(ignored);
+    if extended {
+        st.open_batch = true;
+    }
+    true
+}
+
 #[cfg(test)]
 mod tests {
     use super::IgnoredSyncs;
@@ -50,6 +87,16 @@ mod tests {
         assert_eq!(feed(b"BESddcS"), [0, 0, 0, 0, 0, 1, 0]);
         // CopyFail, and a Flush instead of data.
         assert_eq!(feed(b"PBESHfS"), [0, 0, 0, 0, 0, 1, 0]);
+    }
+
+    #[test]
+    fn copy_fail_is_well_formed() {
+        let m = super::COPY_FAIL;
+        assert_eq!(
+            i32::from_be_bytes([m[1], m[2], m[3], m[4]]) as usize,
+            m.len() - 1
+        );
+        assert_eq!(m.last(), Some(&0));
     }
 
     #[test]

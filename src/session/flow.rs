@@ -329,6 +329,9 @@ impl Session {
         let session_mode = self.cfg.pool_mode == PoolMode::Session;
         let st = &mut self.st;
         let reset = async {
+            if super::copyin::abort_copy_in(st) {
+                server.stream.write_all(super::copyin::COPY_FAIL).await?;
+            }
             if st.open_batch {
                 let mut b = BytesMut::new();
                 b.extend_from_slice(&[b'S', 0, 0, 0, 4]);

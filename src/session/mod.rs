@@ -9,6 +9,7 @@ pub mod params;
 pub mod prepared;
 pub mod relay;
 pub mod startup;
+mod stmt_sql;
 
 use crate::cancel::{BackendTarget, CancelEntry};
 use crate::config::{Config, PoolMode};

@@ -1,34 +1,67 @@
-//! Named prepared statements under transaction pooling. A client's statements are renamed
-//! to names unique to that client (`pgsl_<client>_<n>`), remembered with their Parse body,
-//! and prepared transparently — pipelined ahead of the client's own Bind or Describe — on
-//! whichever server connection the client lands on. The responses to those injected
-//! messages (ParseComplete, CloseComplete) are removed from the stream back to the client.
-//! Each server connection keeps a bounded set of prepared names, evicting the oldest.
+//! Prepared statements under transaction pooling.
+//!
+//! Named: a client's statements are renamed to names unique to that client
+//! (`pgsl_<client>_<n>`), remembered with their Parse body, and prepared transparently —
+//! pipelined ahead of the client's own Bind or Describe — on whichever server connection the
+//! client lands on. Each server connection keeps a bounded set of prepared names, evicting
+//! the oldest.
+//!
+//! Unnamed: PostgreSQL keeps the unnamed statement until the next Parse of it or simple
+//! Query, so the one a server holds may be another client's. A Bind or Describe of it in
+//! the batch of the client's own Parse needs nothing; in a later batch the client's last
+//! unnamed Parse is sent again first (or a Close, when the client has none, so that the
+//! Bind fails as it would directly) unless its server, kept inside a transaction, is known
+//! to still hold it.
+//!
+//! SQL-level `DEALLOCATE name` is translated to the server's name; `DEALLOCATE ALL` and
+//! `DISCARD ALL` in any statement of a query are tracked (see `stmt_sql`). The responses to
+//! injected messages (ParseComplete, CloseComplete, one CommandComplete) are removed from
+//! the stream back to the client.
 
+use super::stmt_sql::TailWatch;
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 
 /// A client's statement as the server knows it.
+#[derive(Debug)]
 pub struct Stmt {
     pub server_name: String,
     /// Parse body after the statement name: query string, parameter count and types.
     pub rest: Vec<u8>,
 }
 
-/// One client's named statements.
+/// One client's statements.
 #[derive(Default)]
 pub struct ClientStatements {
-    map: HashMap<Vec<u8>, Arc<Stmt>>,
     client_id: u64,
     next: u64,
+    /// Boxed, allocated at first use: every session carries this struct (several times
+    /// over in its future), not every session prepares statements.
+    rare: Option<Box<Rare>>,
+}
+
+#[derive(Default)]
+struct Rare {
+    /// Named statements by the client's name.
+    map: HashMap<Vec<u8>, Arc<Stmt>>,
+    /// Parse body of the client's unnamed statement, valid when `has_unnamed`.
+    unnamed: Vec<u8>,
+    has_unnamed: bool,
+    /// Bumped at each unnamed Parse: matches late answers to the Parse they belong to.
+    unnamed_gen: u64,
+    /// The server holds the client's unnamed statement: parsed in the current batch.
+    unnamed_fresh: bool,
+    /// The same, confirmed by a ParseComplete on a server the client still keeps.
+    unnamed_confirmed: bool,
+    /// The rest of a query too long to be held is streaming by.
+    tail: Option<TailWatch>,
 }
 
 impl ClientStatements {
     pub fn new(client_id: u64) -> Self {
         ClientStatements {
-            map: HashMap::new(),
             client_id,
-            next: 0,
+            ..Default::default()
         }
     }
 
@@ -38,12 +71,73 @@ impl ClientStatements {
             server_name: format!("pgsl_{}_{}", self.client_id, self.next),
             rest: rest.to_vec(),
         });
-        self.map.insert(name.to_vec(), s.clone());
+        self.rare().map.insert(name.to_vec(), s.clone());
         s
     }
 
     pub fn clear(&mut self) {
-        self.map.clear();
+        if let Some(r) = self.rare.as_mut() {
+            r.map.clear();
+        }
+    }
+
+    fn get(&self, name: &[u8]) -> Option<Arc<Stmt>> {
+        self.rare.as_ref()?.map.get(name).cloned()
+    }
+
+    fn remove(&mut self, name: &[u8]) -> Option<Arc<Stmt>> {
+        self.rare.as_mut()?.map.remove(name)
+    }
+
+    fn rare(&mut self) -> &mut Rare {
+        self.rare.get_or_insert_with(Default::default)
+    }
+
+    /// The unnamed statement on the server is not known to be the client's any more.
+    fn unconfirm(&mut self) {
+        if let Some(r) = self.rare.as_mut() {
+            r.unnamed_confirmed = false;
+        }
+    }
+
+    /// The server connection went away or is given up: nothing on the next one is known.
+    pub fn server_lost(&mut self) {
+        if let Some(r) = self.rare.as_mut() {
+            r.tail = None;
+            r.unnamed_fresh = false;
+            r.unnamed_confirmed = false;
+        }
+    }
+
+    /// Bytes of a long query streaming to `server`; `last`: its end is among them. A
+    /// mention of DISCARD or DEALLOCATE there may have dropped any statement on the server.
+    pub fn watch_tail(&mut self, bytes: &[u8], last: bool, server: &mut ServerStatements) {
+        let Some(r) = self.rare.as_mut() else {
+            return;
+        };
+        let Some(w) = r.tail.as_mut() else {
+            return;
+        };
+        w.feed(bytes);
+        if w.hit {
+            server.clear();
+            server.close_first = true;
+        }
+        if last || w.hit {
+            r.tail = None;
+        }
+    }
+
+    fn forget_unnamed(&mut self) {
+        let Some(r) = self.rare.as_mut() else {
+            return;
+        };
+        r.has_unnamed = false;
+        r.unnamed_fresh = false;
+        r.unnamed_confirmed = false;
+        if r.unnamed.capacity() > 64 * 1024 {
+            r.unnamed = Vec::new();
+        }
     }
 }
 
@@ -52,6 +146,9 @@ impl ClientStatements {
 pub struct ServerStatements {
     set: HashSet<String>,
     order: VecDeque<String>,
+    /// A statement may be prepared here that the set does not list (a `DISCARD ALL` that
+    /// failed part-way): close each name before preparing it.
+    close_first: bool,
 }
 
 impl ServerStatements {
@@ -88,11 +185,28 @@ impl ServerStatements {
 /// A response the server owes for a forwarded message, in order.
 #[derive(Debug)]
 pub enum Expect {
-    /// ParseComplete; `strip` when the proxy injected the Parse; `name` to forget on error.
-    Parse { strip: bool, name: String },
+    /// ParseComplete; `strip` when the proxy injected the Parse; `name` (if tracked) to
+    /// forget on error; `unnamed`: the generation of an unnamed Parse.
+    Parse {
+        strip: bool,
+        name: String,
+        unnamed: Option<u64>,
+    },
     /// CloseComplete; `name`: the server statement closed, if the proxy tracks it.
     Close { strip: bool, name: Option<String> },
-    /// ReadyForQuery after a Sync.
+    /// The CommandComplete of an injected SQL `PREPARE` (removed).
+    Command,
+    /// A translated `DEALLOCATE`: the client's statement, given back if it fails;
+    /// `had`: it was prepared on the server.
+    Dealloc {
+        client: Vec<u8>,
+        stmt: Arc<Stmt>,
+        had: bool,
+    },
+    /// A query with `DISCARD ALL`/`DEALLOCATE ALL`: the client's statements before it,
+    /// given back if the query fails.
+    DropAll { saved: HashMap<Vec<u8>, Arc<Stmt>> },
+    /// ReadyForQuery after a Sync (or a simple Query, or a FunctionCall).
     Sync,
 }
 
@@ -118,20 +232,37 @@ impl Expectations {
         self.queue.clear();
     }
 
-    /// ParseComplete ('1') or CloseComplete ('3') arrived.
-    pub fn on_complete(&mut self, tag: u8) -> Verdict {
-        match (tag, self.queue.front()) {
-            (b'1', Some(Expect::Parse { strip, .. }))
-            | (b'3', Some(Expect::Close { strip, .. })) => {
-                let s = *strip;
-                self.queue.pop_front();
-                if s {
-                    Verdict::Strip
-                } else {
-                    Verdict::Keep
+    /// A message of type `tag` being received may have to be removed: hold it back.
+    pub fn holds(&self, tag: u8) -> bool {
+        matches!(
+            (tag, self.queue.front()),
+            (b'1', Some(Expect::Parse { strip: true, .. }))
+                | (b'3', Some(Expect::Close { strip: true, .. }))
+                | (b'C', Some(Expect::Command))
+        )
+    }
+
+    /// ParseComplete ('1'), CloseComplete ('3') or CommandComplete ('C') arrived.
+    pub fn on_complete(&mut self, tag: u8, client: &mut ClientStatements) -> Verdict {
+        let verdict = match (tag, self.queue.front()) {
+            (b'1', Some(Expect::Parse { strip, unnamed, .. })) => {
+                if let Some(r) = client.rare.as_mut() {
+                    if *unnamed == Some(r.unnamed_gen) && r.has_unnamed {
+                        r.unnamed_confirmed = true;
+                    }
                 }
+                *strip
             }
-            _ => Verdict::Keep,
+            (b'3', Some(Expect::Close { strip, .. })) => *strip,
+            (b'C', Some(Expect::Command)) => true,
+            (b'C', Some(Expect::Dealloc { .. })) => false,
+            _ => return Verdict::Keep,
+        };
+        self.queue.pop_front();
+        if verdict {
+            Verdict::Strip
+        } else {
+            Verdict::Keep
         }
     }
 
@@ -140,17 +271,45 @@ impl Expectations {
     /// failed or came after the failure) must not be remembered as prepared, and a
     /// statement whose Close was skipped is still prepared: preparing it again under the
     /// same name would fail.
-    pub fn on_error(&mut self, server: &mut ServerStatements) {
+    pub fn on_error(&mut self, server: &mut ServerStatements, client: &mut ClientStatements) {
+        // Whatever unnamed statement the server holds now is not known to be the client's.
+        client.unconfirm();
         while let Some(e) = self.queue.front() {
+            if matches!(e, Expect::Sync) {
+                break;
+            }
+            let Some(e) = self.queue.pop_front() else {
+                break;
+            };
             match e {
-                Expect::Sync => break,
-                Expect::Parse { name, .. } => server.remove(name),
+                Expect::Parse { name, unnamed, .. } => {
+                    server.remove(&name);
+                    if unnamed.is_some() && unnamed == client.rare.as_ref().map(|r| r.unnamed_gen) {
+                        client.forget_unnamed();
+                    }
+                }
                 Expect::Close {
                     name: Some(name), ..
-                } => server.insert(name),
-                Expect::Close { name: None, .. } => {}
+                } => server.insert(&name),
+                Expect::Dealloc {
+                    client: c,
+                    stmt,
+                    had,
+                } => {
+                    if had {
+                        server.insert(&stmt.server_name);
+                    }
+                    client.rare().map.entry(c).or_insert(stmt);
+                }
+                Expect::DropAll { saved } => {
+                    // It may have run before the error; the server's list is empty and
+                    // `close_first` set, so statements given back are prepared again safely.
+                    for (k, v) in saved {
+                        client.rare().map.entry(k).or_insert(v);
+                    }
+                }
+                _ => {}
             }
-            self.queue.pop_front();
         }
     }
 
@@ -167,8 +326,12 @@ impl Expectations {
         }
     }
 
-    /// ReadyForQuery arrived.
-    pub fn on_ready(&mut self) {
+    /// ReadyForQuery with transaction status `status` arrived.
+    pub fn on_ready(&mut self, status: u8, client: &mut ClientStatements) {
+        if status == b'I' {
+            // Outside a transaction the server goes back to the pool.
+            client.unconfirm();
+        }
         while let Some(e) = self.queue.pop_front() {
             if matches!(e, Expect::Sync) {
                 break;
@@ -191,9 +354,13 @@ fn put_msg(out: &mut Vec<u8>, tag: u8, parts: &[&[u8]]) {
     }
 }
 
-/// Rewrites one complete client message (`msg` includes type and length) for the server
-/// that will receive it, recording which responses to expect. Returns true when `out`
-/// holds the bytes to forward instead (possibly with injected messages before it).
+/// Bytes of a simple Query held for rewriting (the rest of a longer one streams through).
+pub const QUERY_HOLD: usize = 8192;
+
+/// Rewrites one complete client message (`msg` includes type and length; a simple Query
+/// may be cut at [`QUERY_HOLD`]) for the server that will receive it, recording which
+/// responses to expect. Returns true when `out` holds the bytes to forward instead
+/// (possibly with injected messages before it).
 pub fn rewrite(
     msg: &[u8],
     client: &mut ClientStatements,
@@ -210,9 +377,29 @@ pub fn rewrite(
                 return false;
             };
             if name.is_empty() {
+                let replaced = sql::unnamed_parse(rest, client, server, expect, cap, out);
+                let r = client.rare();
+                if !replaced {
+                    r.unnamed.clear();
+                    r.unnamed.extend_from_slice(rest);
+                }
+                r.has_unnamed = true;
+                r.unnamed_gen += 1;
+                r.unnamed_fresh = true;
+                r.unnamed_confirmed = false;
+                let gen = r.unnamed_gen;
                 expect.queue.push_back(Expect::Parse {
                     strip: false,
                     name: String::new(),
+                    unnamed: Some(gen),
+                });
+                return replaced;
+            }
+            if cap == 0 {
+                expect.queue.push_back(Expect::Parse {
+                    strip: false,
+                    name: String::new(),
+                    unnamed: None,
                 });
                 return false;
             }
@@ -223,6 +410,7 @@ pub fn rewrite(
             expect.queue.push_back(Expect::Parse {
                 strip: false,
                 name: stmt.server_name.clone(),
+                unnamed: None,
             });
             true
         }
@@ -233,10 +421,10 @@ pub fn rewrite(
             let Some((name, params)) = cstr(rest) else {
                 return false;
             };
-            let Some(stmt) = (!name.is_empty())
-                .then(|| client.map.get(name).cloned())
-                .flatten()
-            else {
+            if name.is_empty() {
+                return use_unnamed(msg, client, expect, out);
+            }
+            let Some(stmt) = (cap > 0).then(|| client.get(name)).flatten() else {
                 return false;
             };
             ensure(out, &stmt, server, expect, cap);
@@ -248,43 +436,42 @@ pub fn rewrite(
             true
         }
         b'D' | b'C' => {
+            let untracked_close = |expect: &mut Expectations| {
+                if tag == b'C' {
+                    expect.queue.push_back(Expect::Close {
+                        strip: false,
+                        name: None,
+                    });
+                }
+            };
             let Some((&kind, rest)) = body.split_first() else {
                 return false;
             };
-            if kind != b'S' {
-                if tag == b'C' {
-                    expect.queue.push_back(Expect::Close {
-                        strip: false,
-                        name: None,
-                    });
+            let name = cstr(rest).map(|(n, _)| n);
+            match (kind, name) {
+                (b'S', Some([])) if tag == b'D' => return use_unnamed(msg, client, expect, out),
+                (b'S', Some([])) => {
+                    // The server now has no unnamed statement, nor has the client.
+                    client.forget_unnamed();
+                    client.rare().unnamed_fresh = true;
+                    untracked_close(expect);
+                    return false;
                 }
-                return false;
+                (b'S', Some(_)) => {}
+                _ => {
+                    untracked_close(expect);
+                    return false;
+                }
             }
-            let Some((name, _)) = cstr(rest) else {
-                return false;
-            };
-            if name.is_empty() {
-                if tag == b'C' {
-                    expect.queue.push_back(Expect::Close {
-                        strip: false,
-                        name: None,
-                    });
-                }
-                return false;
-            }
-            let Some(stmt) = client.map.get(name).cloned() else {
-                if tag == b'C' {
-                    expect.queue.push_back(Expect::Close {
-                        strip: false,
-                        name: None,
-                    });
-                }
+            let name = name.unwrap_or_default();
+            let Some(stmt) = (cap > 0).then(|| client.get(name)).flatten() else {
+                untracked_close(expect);
                 return false;
             };
             if tag == b'D' {
                 ensure(out, &stmt, server, expect, cap);
             } else {
-                client.map.remove(name);
+                client.remove(name);
                 server.remove(&stmt.server_name);
                 expect.queue.push_back(Expect::Close {
                     strip: false,
@@ -295,33 +482,57 @@ pub fn rewrite(
             true
         }
         b'S' => {
+            if let Some(r) = client.rare.as_mut() {
+                r.unnamed_fresh = false;
+            }
+            expect.queue.push_back(Expect::Sync);
+            false
+        }
+        b'F' => {
             expect.queue.push_back(Expect::Sync);
             false
         }
         b'Q' => {
-            // Statements that drop prepared statements wholesale: forget them here too.
-            let sql = cstr(body).map(|(s, _)| s).unwrap_or(body);
-            if let Some(words) = leading_words(sql) {
-                match words.as_slice() {
-                    [a, b, ..] if a == "deallocate" && b == "all" => {
-                        client.clear();
-                        server.clear();
-                    }
-                    [a, b, c, ..] if a == "deallocate" && b == "prepare" && c == "all" => {
-                        client.clear();
-                        server.clear();
-                    }
-                    [a, b, ..] if a == "discard" && b == "all" => {
-                        client.clear();
-                        server.clear();
-                    }
-                    _ => {}
-                }
-            }
-            false
+            // A simple Query destroys the unnamed statement.
+            client.forget_unnamed();
+            let replaced = sql::query(body, client, server, expect, cap, out);
+            expect.queue.push_back(Expect::Sync);
+            replaced
         }
         _ => false,
     }
+}
+
+/// A Bind or Describe of the unnamed statement (`msg`).
+fn use_unnamed(
+    msg: &[u8],
+    client: &mut ClientStatements,
+    expect: &mut Expectations,
+    out: &mut Vec<u8>,
+) -> bool {
+    let r = client.rare();
+    if r.unnamed_fresh || r.unnamed_confirmed {
+        return false;
+    }
+    if r.has_unnamed {
+        put_msg(out, b'P', &[&[0], &r.unnamed]);
+        expect.queue.push_back(Expect::Parse {
+            strip: true,
+            name: String::new(),
+            unnamed: Some(r.unnamed_gen),
+        });
+    } else {
+        // The server's unnamed statement, if any, is not this client's: drop it, and the
+        // Bind fails with 26000 as it would on the client's own connection.
+        put_msg(out, b'C', &[b"S", &[0]]);
+        expect.queue.push_back(Expect::Close {
+            strip: true,
+            name: None,
+        });
+    }
+    r.unnamed_fresh = true;
+    out.extend_from_slice(msg);
+    true
 }
 
 /// Prepares `stmt` on the server first if it lacks it.
@@ -336,11 +547,19 @@ fn ensure(
         return;
     }
     evict(out, server, expect, cap);
+    if server.close_first {
+        put_msg(out, b'C', &[b"S", stmt.server_name.as_bytes(), &[0]]);
+        expect.queue.push_back(Expect::Close {
+            strip: true,
+            name: None,
+        });
+    }
     put_msg(out, b'P', &[stmt.server_name.as_bytes(), &[0], &stmt.rest]);
     server.insert(&stmt.server_name);
     expect.queue.push_back(Expect::Parse {
         strip: true,
         name: stmt.server_name.clone(),
+        unnamed: None,
     });
 }
 
@@ -359,145 +578,9 @@ fn evict(out: &mut Vec<u8>, server: &mut ServerStatements, expect: &mut Expectat
     }
 }
 
-/// The first three words of a short SQL string, lower-cased (None for long ones).
-fn leading_words(sql: &[u8]) -> Option<Vec<String>> {
-    let head = &sql[..sql.len().min(64)];
-    let s = std::str::from_utf8(head).ok()?;
-    Some(
-        s.split(|c: char| c.is_whitespace() || c == ';')
-            .filter(|w| !w.is_empty())
-            .take(3)
-            .map(|w| w.to_ascii_lowercase())
-            .collect(),
-    )
-}
+#[path = "prepared_sql.rs"]
+mod sql;
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn msg(tag: u8, body: &[u8]) -> Vec<u8> {
-        let mut v = Vec::new();
-        put_msg(&mut v, tag, &[body]);
-        v
-    }
-
-    #[test]
-    fn parse_then_bind_elsewhere_injects_and_strips() {
-        let mut c = ClientStatements::new(7);
-        let mut s1 = ServerStatements::default();
-        let mut e1 = Expectations::default();
-        let parse = msg(b'P', b"s1\0SELECT 1\0\0\0");
-        let mut out = Vec::new();
-        assert!(rewrite(&parse, &mut c, &mut s1, &mut e1, 10, &mut out));
-        assert!(out.windows(8).any(|w| w == b"pgsl_7_1"));
-        assert_eq!(e1.on_complete(b'1'), Verdict::Keep);
-        // A second server has never seen the statement: Bind gets a Parse in front of it.
-        let mut s2 = ServerStatements::default();
-        let mut e2 = Expectations::default();
-        let bind = msg(b'B', b"\0s1\0\0\0\0\0\0\0");
-        out.clear();
-        assert!(rewrite(&bind, &mut c, &mut s2, &mut e2, 10, &mut out));
-        assert_eq!(out[0], b'P');
-        assert!(s2.contains("pgsl_7_1"));
-        assert_eq!(e2.on_complete(b'1'), Verdict::Strip);
-        // Same server again: no injection.
-        let mut e3 = Expectations::default();
-        out.clear();
-        assert!(rewrite(&bind, &mut c, &mut s2, &mut e3, 10, &mut out));
-        assert_eq!(out[0], b'B');
-        assert!(e3.is_empty());
-    }
-
-    #[test]
-    fn eviction_closes_oldest_and_error_forgets_failed_parse() {
-        let mut c = ClientStatements::new(1);
-        let mut s = ServerStatements::default();
-        let mut e = Expectations::default();
-        for i in 0..3 {
-            let p = msg(b'P', format!("s{i}\0SELECT {i}\0\0\0").as_bytes());
-            let _ = rewrite(&p, &mut c, &mut s, &mut e, 2, &mut Vec::new());
-        }
-        assert_eq!(s.len(), 2);
-        assert!(!s.contains("pgsl_1_1"));
-        let mut e = Expectations::default();
-        let p = msg(b'P', b"bad\0SELEC\0\0\0");
-        let _ = rewrite(&p, &mut c, &mut s, &mut e, 10, &mut Vec::new());
-        let _ = rewrite(&msg(b'S', b""), &mut c, &mut s, &mut e, 10, &mut Vec::new());
-        e.on_error(&mut s);
-        assert!(!s.contains("pgsl_1_4"));
-        e.on_ready();
-        assert!(e.is_empty());
-    }
-
-    /// A batch that fails part-way: the server skips every Parse and Close after the
-    /// failure, so none of them may change what the proxy believes is prepared.
-    #[test]
-    fn error_skips_every_later_parse_and_close() {
-        let mut c = ClientStatements::new(3);
-        let mut old = ServerStatements::default();
-        for name in ["a", "b", "c"] {
-            let p = msg(b'P', format!("{name}\0SELECT 1\0\0\0").as_bytes());
-            let mut e = Expectations::default();
-            let _ = rewrite(&p, &mut c, &mut old, &mut e, 10, &mut Vec::new());
-        }
-        // Another server with room for two: binding all three injects three Parses and
-        // one eviction Close, all before the batch's Sync.
-        let mut s = ServerStatements::default();
-        let mut e = Expectations::default();
-        for name in ["a", "b", "c"] {
-            let b = msg(b'B', format!("\0{name}\0\0\0\0\0\0\0").as_bytes());
-            assert!(rewrite(&b, &mut c, &mut s, &mut e, 2, &mut Vec::new()));
-        }
-        let _ = rewrite(&msg(b'S', b""), &mut c, &mut s, &mut e, 2, &mut Vec::new());
-        assert!(s.contains("pgsl_3_2") && s.contains("pgsl_3_3") && !s.contains("pgsl_3_1"));
-        // a's ParseComplete arrives, then a's Execute fails: the Close of a and the
-        // Parses of b and c are skipped.
-        assert_eq!(e.on_complete(b'1'), Verdict::Strip);
-        e.on_error(&mut s);
-        e.on_ready();
-        assert!(e.is_empty());
-        assert!(
-            s.contains("pgsl_3_1"),
-            "a's Close was skipped: still prepared"
-        );
-        assert!(!s.contains("pgsl_3_2") && !s.contains("pgsl_3_3"));
-        // Binding c again prepares it first.
-        let mut out = Vec::new();
-        let b = msg(b'B', b"\0c\0\0\0\0\0\0\0");
-        assert!(rewrite(&b, &mut c, &mut s, &mut e, 10, &mut out));
-        assert_eq!(out[0], b'P');
-    }
-
-    #[test]
-    fn unnamed_and_unknown_pass_through() {
-        let mut c = ClientStatements::new(1);
-        let mut s = ServerStatements::default();
-        let mut e = Expectations::default();
-        let mut out = Vec::new();
-        assert!(!rewrite(
-            &msg(b'P', b"\0SELECT 1\0\0\0"),
-            &mut c,
-            &mut s,
-            &mut e,
-            10,
-            &mut out
-        ));
-        assert!(!rewrite(
-            &msg(b'B', b"\0nope\0\0\0\0\0\0\0"),
-            &mut c,
-            &mut s,
-            &mut e,
-            10,
-            &mut out
-        ));
-        assert!(!rewrite(
-            &msg(b'Q', b"DEALLOCATE ALL;\0"),
-            &mut c,
-            &mut s,
-            &mut e,
-            10,
-            &mut out
-        ));
-    }
-}
+#[path = "prepared_tests.rs"]
+mod tests;

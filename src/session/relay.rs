@@ -64,7 +64,8 @@ pub struct RelayState {
     /// The server sent an ErrorResponse during the current batch.
     pub saw_error: bool,
     /// Syncs ignored by a server in copy-in mode, seen by the scan and by the rewrite.
-    copy_scan: IgnoredSyncs,
+    /// (Its `server_in_copy` also records the server's copy-in mode.)
+    pub(super) copy_scan: IgnoredSyncs,
     copy_rw: IgnoredSyncs,
     /// Transaction pooling: rename named statements and prepare them where needed.
     pub rewrite_on: bool,
@@ -121,7 +122,8 @@ impl RelayState {
 
     /// Enables statement renaming (transaction pooling).
     pub fn enable_rewrite(&mut self, client_id: u64, cap: usize) {
-        self.rewrite_on = cap > 0;
+        // On even without renaming: unnamed statements must follow their client.
+        self.rewrite_on = true;
         self.stmt_cap = cap;
         self.stmts = ClientStatements::new(client_id);
     }
@@ -143,8 +145,10 @@ impl RelayState {
             return self.s2c.end - self.sscan.partial_len().min(self.s2c.len());
         }
         if self.rewrite_on
-            && !self.expect.is_empty()
-            && matches!(self.sscan.current_tag(), Some(b'1' | b'3'))
+            && self
+                .sscan
+                .current_tag()
+                .is_some_and(|t| self.expect.holds(t))
         {
             self.s2c.end - self.sscan.partial_len().min(self.s2c.len())
         } else {
@@ -162,6 +166,9 @@ impl RelayState {
             let end = self.c2s.end;
             if self.rw_stream > 0 {
                 let take = self.rw_stream.min(end - self.rw_pos);
+                let last = take == self.rw_stream;
+                let bytes = self.c2s.slice(self.rw_pos, self.rw_pos + take);
+                self.stmts.watch_tail(bytes, last, server);
                 self.rw_pos += take;
                 self.rw_stream -= take;
                 if self.rw_stream > 0 {
@@ -186,7 +193,8 @@ impl RelayState {
             }
             let need = match tag {
                 b'P' | b'B' | b'D' | b'C' | b'S' => total,
-                b'Q' => total.min(5 + 64),
+                b'Q' => total.min(5 + prepared::QUERY_HOLD),
+                b'F' => 5,
                 _ => {
                     self.rw_stream = total;
                     continue;
@@ -208,7 +216,7 @@ impl RelayState {
                 self.stmt_cap,
                 &mut self.scratch,
             );
-            if tag == b'Q' {
+            if !replaced && matches!(tag, b'Q' | b'F') {
                 self.rw_stream = total;
                 continue;
             }
@@ -369,6 +377,7 @@ impl RelayState {
         self.copy_scan = IgnoredSyncs::default();
         self.copy_rw = IgnoredSyncs::default();
         self.expect.clear();
+        self.stmts.server_lost();
         self.params.abandon();
         owed
     }
@@ -402,7 +411,9 @@ impl RelayState {
             let status = &mut self.status;
             let fatal = &mut self.server_fatal;
             let saw_error = &mut self.saw_error;
+            let copy_in = &mut self.copy_scan.server_in_copy;
             let expect = &mut self.expect;
+            let stmts = &mut self.stmts;
             let params = &mut self.params;
             let chunk = self.s2c.filled_from(at);
             let n = self.sscan.scan(chunk, |ev| {
@@ -421,14 +432,16 @@ impl RelayState {
                             params.on_status(body);
                         }
                     }
+                    b'G' => *copy_in = true,
                     b'Z' => {
+                        *copy_in = false;
                         *pending = pending.saturating_sub(1);
                         if let Some(&[s]) = ev.body {
                             *status = s;
                         }
-                        expect.on_ready();
+                        expect.on_ready(*status, stmts);
                     }
-                    b'1' | b'3' if expect.on_complete(ev.tag) == Verdict::Strip => {
+                    b'1' | b'3' | b'C' if expect.on_complete(ev.tag, stmts) == Verdict::Strip => {
                         let end = at + ev.end;
                         let start = end - (5 + ev.len);
                         if start >= pos {
@@ -438,7 +451,8 @@ impl RelayState {
                     }
                     b'E' => {
                         *saw_error = true;
-                        expect.on_error(server);
+                        *copy_in = false;
+                        expect.on_error(server, stmts);
                         if let Some(body) = ev.body {
                             let f = protocol::parse_error_fields(body);
                             if f.severity == "FATAL" || f.severity == "PANIC" {

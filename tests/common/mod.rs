@@ -5,6 +5,7 @@
 pub mod pg;
 pub mod process;
 pub mod proxy;
+pub mod raw;
 pub mod shim;
 
 pub use pg::{connect, try_connect, HostAuth, TempPostgres};
