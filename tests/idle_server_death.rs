@@ -28,10 +28,7 @@ type Msg = (u8, Vec<u8>);
 impl Raw {
     async fn connect(addr: SocketAddr) -> Raw {
         let s = TcpStream::connect(addr).await.expect("connect proxy");
-        let mut r = Raw {
-            s,
-            buf: Vec::new(),
-        };
+        let mut r = Raw { s, buf: Vec::new() };
         let mut body = Vec::new();
         body.extend_from_slice(&196608i32.to_be_bytes());
         for kv in ["user", "postgres", "database", "postgres"] {

@@ -41,8 +41,9 @@ pub enum RelayEvent {
 
 /// Client bytes kept for a resend on another server, at most.
 const MAX_REPLAY: usize = 16 * 1024;
-/// Resends of one batch after stale servers before its failure is reported.
-const MAX_RETRIES: u8 = 2;
+/// Resends of one batch after stale servers before its failure is reported. After an
+/// upstream restart every idle connection of a pool may be dead; each try discards one.
+const MAX_RETRIES: u8 = 8;
 
 /// Protocol state of one client's stream, kept for the session's lifetime.
 pub struct RelayState {
