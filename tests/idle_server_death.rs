@@ -406,7 +406,7 @@ async fn session_mode_idle_client_gets_notifications_at_once() {
         .await
         .expect("NotificationResponse while idle")
         .expect("connection open");
-    assert_eq!(m.0, b'A', "got {}", show(&[m.clone()]));
+    assert_eq!(m.0, b'A', "got {}", show(std::slice::from_ref(&m)));
     assert!(String::from_utf8_lossy(&m.1).contains("hello"));
     l.assert_silent(Duration::from_millis(200)).await;
     // The session goes on in step.
@@ -443,7 +443,7 @@ async fn idle_client_sees_its_server_terminated_and_is_disconnected() {
             .await
             .unwrap_or_else(|_| panic!("{mode}: FATAL while idle"))
             .expect("FATAL before close");
-        assert_eq!(m.0, b'E', "{mode}: got {}", show(&[m.clone()]));
+        assert_eq!(m.0, b'E', "{mode}: got {}", show(std::slice::from_ref(&m)));
         let text = String::from_utf8_lossy(&m.1).to_string();
         assert!(
             text.contains("FATAL") && text.contains("57P01"),
