@@ -266,7 +266,8 @@ impl Session {
             let res = tokio::select! {
                 r = readable => r,
                 _ = server_readable(&mut self.server), if watch_server => {
-                    if !self.server_spoke().await {
+                    // Boxed: rare, and it would otherwise enlarge every session's future.
+                    if !Box::pin(self.server_spoke()).await {
                         return false;
                     }
                     continue;

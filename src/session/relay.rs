@@ -93,10 +93,7 @@ pub struct RelayState {
     pub params: Tracker,
     /// Until the first server byte after a fresh checkout: the client's raw bytes since,
     /// for a resend if that server turns out dead, while server bytes are held unscanned.
-    holding: bool,
-    replay: Vec<u8>,
-    /// Resends of the current batch after stale servers.
-    retries: u8,
+    replay: Option<Box<replay::Replay>>,
 }
 
 impl Default for RelayState {
@@ -134,9 +131,7 @@ impl RelayState {
             expect: Expectations::default(),
             scratch: Vec::new(),
             params: Tracker::default(),
-            holding: false,
-            replay: Vec::new(),
-            retries: 0,
+            replay: None,
         }
     }
 
@@ -159,7 +154,7 @@ impl RelayState {
     /// End of what may be written to the client now: a ParseComplete or CloseComplete that
     /// may still have to be removed is held back until it is complete.
     fn s2c_limit(&self) -> usize {
-        if self.holding {
+        if self.holding() {
             return self.s2c.pos;
         }
         if self.params.stripping() {
@@ -273,8 +268,8 @@ impl RelayState {
     pub fn release_buffers(&mut self) {
         self.c2s.release();
         self.s2c.release();
-        if self.replay.capacity() > 1024 {
-            self.replay = Vec::new();
+        if self.replay.as_ref().is_some_and(|r| r.is_large()) {
+            self.replay = None;
         }
     }
 
@@ -397,8 +392,7 @@ impl RelayState {
         self.copy_rw = IgnoredSyncs::default();
         self.expect.clear();
         self.params.abandon();
-        self.holding = false;
-        self.retries = 0;
+        self.replay = None;
         owed
     }
 

@@ -23,12 +23,37 @@ pub(in crate::session) enum Held {
     Stale,
 }
 
+/// Boxed in `RelayState`: kept out of the session's future, which every idle client pays for.
+#[derive(Default)]
+pub(super) struct Replay {
+    /// The client's raw bytes since the fresh checkout; empty when not holding.
+    bytes: Vec<u8>,
+    /// Resends of the current batch after stale servers.
+    retries: u8,
+}
+
+impl Replay {
+    /// Memory worth giving back when the client goes idle.
+    pub(super) fn is_large(&self) -> bool {
+        self.bytes.capacity() > 1024
+    }
+}
+
 impl RelayState {
+    fn retries(&self) -> u8 {
+        self.replay.as_ref().map_or(0, |r| r.retries)
+    }
+
+    fn reset_retries(&mut self) {
+        if let Some(r) = self.replay.as_mut() {
+            r.retries = 0;
+        }
+    }
+
     /// Called when a batch starts on a freshly checked-out server: keeps what the client
     /// sent so far, if the state allows a clean resend.
     pub(in crate::session) fn begin_hold(&mut self) {
-        self.holding = false;
-        self.replay.clear();
+        self.clear_replay();
         // A session-parameter query spliced in front is the new server's, not the client's.
         let start = if self.params.stripping() {
             match self.ends.front() {
@@ -49,17 +74,19 @@ impl RelayState {
             && !self.terminated
             && !self.client_eof;
         let len = self.c2s.end.saturating_sub(start);
-        if !clean || self.retries >= MAX_RETRIES || len == 0 || len > MAX_REPLAY {
-            self.retries = 0;
+        if !clean || self.retries() >= MAX_RETRIES || len == 0 || len > MAX_REPLAY {
+            self.reset_retries();
             return;
         }
         let raw = self.c2s.slice(start, self.c2s.end);
         if batch_ends(raw).is_none() {
-            self.retries = 0;
+            self.reset_retries();
             return;
         }
-        self.replay.extend_from_slice(raw);
-        self.holding = true;
+        self.replay
+            .get_or_insert_with(Default::default)
+            .bytes
+            .extend_from_slice(raw);
     }
 
     /// Client bytes just read at `from..c2s.end` (after the scan) join the kept ones.
@@ -68,15 +95,18 @@ impl RelayState {
         from: usize,
         server: &mut ServerStatements,
     ) -> Result<(), ProtocolError> {
-        if !self.holding {
+        if !self.holding() {
             return Ok(());
         }
         let end = self.c2s.end;
         if end > from {
-            if self.replay.len() + (end - from) > MAX_REPLAY {
+            let kept = self.replay.as_ref().map_or(0, |r| r.bytes.len());
+            if kept + (end - from) > MAX_REPLAY {
                 return self.release_hold(server);
             }
             self.replay
+                .get_or_insert_with(Default::default)
+                .bytes
                 .extend_from_slice(self.c2s.slice(from.max(self.c2s.pos), end));
         }
         Ok(())
@@ -84,7 +114,7 @@ impl RelayState {
 
     /// Looks at server bytes read while holding.
     pub(super) fn on_held(&mut self, server: &mut ServerStatements) -> Held {
-        if !self.holding {
+        if !self.holding() {
             return Held::No;
         }
         match first_reply_stale(self.s2c.data()) {
@@ -99,12 +129,11 @@ impl RelayState {
         &mut self,
         server: &mut ServerStatements,
     ) -> Result<(), ProtocolError> {
-        if !self.holding {
+        if !self.holding() {
             return Ok(());
         }
-        self.holding = false;
-        self.retries = 0;
-        self.replay.clear();
+        self.reset_retries();
+        self.clear_replay();
         if self.s2c.is_empty() {
             return Ok(());
         }
@@ -114,33 +143,48 @@ impl RelayState {
 
     /// The server failed. Before its first real byte, the batch is put back (`Stale`).
     pub(super) fn server_gone(&mut self, e: io::Error) -> RelayEvent {
-        if !self.holding {
+        if !self.holding() {
             return RelayEvent::ServerGone(e);
         }
-        self.holding = false;
         // Held bytes were never scanned nor forwarded: a FATAL, a notice, or a fragment.
         self.s2c.clear();
         if self.restore() {
             RelayEvent::Stale
         } else {
-            self.replay.clear();
+            self.clear_replay();
             RelayEvent::ServerGone(e)
+        }
+    }
+
+    /// Kept client bytes mean the first reply is awaited (they are never empty then).
+    pub(super) fn holding(&self) -> bool {
+        self.replay.as_ref().is_some_and(|r| !r.bytes.is_empty())
+    }
+
+    pub(super) fn clear_replay(&mut self) {
+        if let Some(r) = self.replay.as_mut() {
+            r.bytes.clear();
         }
     }
 
     /// Puts the kept raw bytes back as unsent and forgets what the dead server was owed.
     fn restore(&mut self) -> bool {
-        if self.terminated || self.client_eof || self.replay.is_empty() {
-            return false;
-        }
-        let Some((ends, open)) = batch_ends(&self.replay) else {
+        let Some(mut kept) = self.replay.take() else {
             return false;
         };
-        let raw = std::mem::take(&mut self.replay);
-        self.c2s.clear();
-        self.c2s.splice(0, 0, &raw);
-        self.replay = raw;
-        self.replay.clear();
+        let ends = batch_ends(&kept.bytes);
+        let ok = !self.terminated && !self.client_eof && !kept.bytes.is_empty();
+        let found = ends.filter(|_| ok);
+        if found.is_some() {
+            self.c2s.clear();
+            self.c2s.splice(0, 0, &kept.bytes);
+            kept.retries += 1;
+        }
+        kept.bytes.clear();
+        self.replay = Some(kept);
+        let Some((ends, open)) = found else {
+            return false;
+        };
         self.ends = ends;
         self.open_batch = open;
         self.pending = 0;
@@ -154,7 +198,6 @@ impl RelayState {
         self.server_fatal = false;
         self.rewrite_cancel = None;
         self.status = b'I';
-        self.retries += 1;
         true
     }
 }
