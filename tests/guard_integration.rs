@@ -175,11 +175,17 @@ async fn small_identity_is_not_starved() {
         tb.reasons.lock()
     );
     assert_eq!(a_other + b_other, 0);
-    // A saturates the limit: most of its attempts wait and are shed. The standing-queue
-    // rule keeps A's admitted latency low, so A's pain shows as sheds rather than latency.
+    // A saturates the limit: its queries wait (a queue ten deep per slot) but nobody gives
+    // up, so the queue is stable and nothing is refused: A's pain shows as latency.
+    assert_eq!(
+        a_shed,
+        0,
+        "a stable queue was shed: {:?}",
+        ta.reasons.lock()
+    );
     assert!(
-        a_shed > a_ok,
-        "A never saturated the limit: ok {a_ok}, shed {a_shed}"
+        ma >= Duration::from_millis(200),
+        "A median {ma:?}: A never saturated the limit"
     );
     assert!(
         ma >= Duration::from_millis(45),
@@ -192,13 +198,7 @@ async fn small_identity_is_not_starved() {
     );
     // B's two clients run nearly back to back: 2 x 4 s / 50 ms = 160 at most.
     assert!(b_ok >= 80, "B completed only {b_ok}");
-    // B's few sheds come from slot turnover stalls on a loaded machine (the standing-queue
-    // target is 50 ms); A, by contrast, is shed far more often than it is served.
-    assert!(
-        b_shed * 2 < b_ok,
-        "B was shed {b_shed} times for {b_ok} served: {:?}",
-        tb.reasons.lock()
-    );
+    assert_eq!(b_shed, 0, "B was shed: {:?}", tb.reasons.lock());
 }
 
 /// Runs `a_clients` of identity A (weight 3) and `b_clients` of B (weight 1) looping `sql`
@@ -256,10 +256,9 @@ async fn weighted_shares_split_capacity() {
     check_ratio("shares", share_split(6, 2, "SELECT pg_sleep(0.02)").await);
 }
 
-/// 20 clients each on 4 slots: the standing-queue rule sheds most attempts, and a shed
-/// identity loses its place in the queue while it retries, so the split drifts from 3:1.
+/// 20 clients each on 4 slots: a deep but stable queue (nobody gives up, so nothing is
+/// shed), and the weights still split the capacity 3:1.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "standing-queue shedding distorts the 3:1 split under heavy backlog (seen 2.69-3.00)"]
 async fn weighted_shares_under_heavy_backlog() {
     check_ratio(
         "shares-heavy",

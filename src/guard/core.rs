@@ -24,6 +24,9 @@ pub(crate) fn later(t: Instant, d: Duration) -> Instant {
         .unwrap_or(t)
 }
 
+/// CoDel intervals after the last wasted work during which a standing queue is shed.
+const WASTE_WINDOW: u32 = 10;
+
 /// A slot handed to a query.
 #[derive(Debug, Clone)]
 pub(crate) struct Grant {
@@ -32,6 +35,10 @@ pub(crate) struct Grant {
     pub waited: Duration,
     /// This query is the half-open circuit probe.
     pub probe: bool,
+    /// Holds a concurrency slot.
+    pub slot: bool,
+    /// Holds a server-connection lease of `pool`.
+    pub lease: bool,
 }
 
 /// Immediate answer to an admission request.
@@ -64,6 +71,8 @@ struct Waiter<T> {
     expires: Instant,
     in_tx: bool,
     probe: bool,
+    slot: bool,
+    lease: bool,
 }
 
 /// Admission state of one upstream. `T` is what a waiter is woken with (a channel sender
@@ -74,6 +83,8 @@ pub(crate) struct Core<T> {
     waiters: HashMap<u64, Waiter<T>>,
     next_id: u64,
     tx_queue: VecDeque<u64>,
+    /// Waiters for a server connection only (a login), FIFO, served before new queries.
+    conn_queue: VecDeque<u64>,
     normal_queued: usize,
     idents: HashMap<Arc<str>, Ident>,
     /// Identities with at least one non-transaction waiter.
@@ -84,6 +95,9 @@ pub(crate) struct Core<T> {
     cohorts: Cohorts,
     breaker: Breaker,
     paused: bool,
+    /// Last time work was wasted: a queued client gave up (left or cancelled), a waiter
+    /// timed out, or a client left with its query running.
+    last_waste: Option<Instant>,
     circuit_gauge: Gauge,
 }
 
@@ -100,12 +114,14 @@ impl<T> Core<T> {
             waiters: HashMap::new(),
             next_id: 0,
             tx_queue: VecDeque::new(),
+            conn_queue: VecDeque::new(),
             normal_queued: 0,
             idents: HashMap::new(),
             backlogged: Vec::new(),
             pools: HashMap::new(),
             nonempty_since: None,
             paused: false,
+            last_waste: None,
             circuit_gauge,
         }
     }
@@ -136,7 +152,7 @@ impl<T> Core<T> {
     /// drains fast (closed-loop clients outnumbering the slots) is healthy and does not
     /// count; a burst that drains within the interval does not either.
     pub(crate) fn standing(&self, now: Instant) -> bool {
-        if self.paused {
+        if self.paused || !self.wasting(now) {
             return false;
         }
         let Some(since) = self.nonempty_since else {
@@ -156,7 +172,7 @@ impl<T> Core<T> {
     /// requests fast, while shedding queued queries (which may be mid-request) waits for a
     /// truly standing queue.
     fn under_pressure(&self, now: Instant) -> bool {
-        if self.paused {
+        if self.paused || !self.wasting(now) {
             return false;
         }
         let Some(since) = self.nonempty_since else {
@@ -165,18 +181,58 @@ impl<T> Core<T> {
         if now.saturating_duration_since(since) < self.cfg.codel_interval {
             return false;
         }
-        self.oldest_normal()
-            .is_some_and(|t| now.saturating_duration_since(t) >= self.cfg.codel_target)
+        self.oldest_normal_waiter().is_some_and(|w| {
+            now.saturating_duration_since(w.enqueued) >= self.cfg.codel_target
+                && self.database_bound(w)
+        })
+    }
+
+    /// Work was wasted within the last `WASTE_WINDOW` CoDel intervals. A long queue that
+    /// nobody gives up on (closed-loop clients outnumbering the slots, a pool smaller than
+    /// the client count) is stable: every waiter is served within its queue timeout, and
+    /// refusing it would only turn waiting into errors. Shedding starts once clients show
+    /// they are not waiting that long.
+    fn wasting(&self, now: Instant) -> bool {
+        let window = self.cfg.codel_interval.saturating_mul(WASTE_WINDOW);
+        self.last_waste
+            .is_some_and(|t| now.saturating_duration_since(t) <= window)
+    }
+
+    /// Work was wasted (see `wasting`).
+    pub(crate) fn record_waste(&mut self, now: Instant) {
+        self.last_waste = Some(now);
+    }
+
+    /// The waiter is held back by the database's own concurrency: every slot is taken, or
+    /// every connection of its pool is running a query. A waiter held back by connections
+    /// that sit idle in a transaction (the clients are slow, not the database) or by a pause
+    /// is not: refusing it would relieve nothing.
+    fn database_bound(&self, w: &Waiter<T>) -> bool {
+        self.bound_by_running(w, 0)
+    }
+
+    /// `database_bound`, counting `freed` slots just released as still running (in
+    /// dispatch, the resource the waiter is about to get was busy until this instant).
+    fn bound_by_running(&self, w: &Waiter<T>, freed: usize) -> bool {
+        self.active + freed >= self.cfg.max_active
+            || (w.lease
+                && self
+                    .pools
+                    .get(&*w.pool)
+                    .is_some_and(|p| p.active + freed >= p.capacity))
     }
 
     /// Arrival time of the longest-waiting normal (not in-transaction) query.
     fn oldest_normal(&self) -> Option<Instant> {
+        self.oldest_normal_waiter().map(|w| w.enqueued)
+    }
+
+    fn oldest_normal_waiter(&self) -> Option<&Waiter<T>> {
         self.backlogged
             .iter()
             .filter_map(|n| self.idents.get(n)?.queue.front())
             .min()
             .and_then(|id| self.waiters.get(id))
-            .map(|w| w.enqueued)
     }
 
     pub(crate) fn admit(
@@ -185,6 +241,11 @@ impl<T> Core<T> {
         now: Instant,
         payload: impl FnOnce() -> T,
     ) -> Admission {
+        if !req.slot {
+            // A login waits for a server connection only: it runs no query, so neither the
+            // breaker (the connect itself reports to it) nor the cohort filter applies.
+            return self.admit_inner(req, now, false, payload);
+        }
         let probe = match self.breaker.pass(now) {
             Pass::No => {
                 self.sync_circuit_gauge(now);
@@ -213,14 +274,22 @@ impl<T> Core<T> {
         payload: impl FnOnce() -> T,
     ) -> Admission {
         let limit = self.cfg.max_active;
-        if req.in_transaction {
-            if self.active < limit && self.tx_queue.is_empty() {
-                return Admission::Granted(self.grant_counts(
-                    req.pool,
-                    req.identity,
-                    Duration::ZERO,
-                    probe,
-                ));
+        let p = pool_entry(&mut self.pools, &req.pool, limit);
+        if req.lease {
+            p.capacity = req.capacity;
+        }
+        let lease_ok = !req.lease || p.lease_free();
+        let slot_ok = !req.slot || self.active < limit;
+        // Every waiter left in a queue is one the last dispatch could not serve (no slot, no
+        // connection of its pool, or paused); so a request whose resources are free now takes
+        // them without overtaking anyone who could have used them.
+        if !req.slot {
+            if !self.paused && lease_ok {
+                return Admission::Granted(self.grant_counts(&req, Duration::ZERO, false));
+            }
+        } else if req.in_transaction {
+            if slot_ok && lease_ok {
+                return Admission::Granted(self.grant_counts(&req, Duration::ZERO, probe));
             }
         } else {
             let mid_request = req
@@ -229,13 +298,8 @@ impl<T> Core<T> {
             if !mid_request && !self.cohorts.allows(req.client_id, now) {
                 return Admission::Shed(self.shed_arrival(&req, ShedReason::Cohort));
             }
-            if !self.paused && self.active < limit && self.waiters.is_empty() {
-                return Admission::Granted(self.grant_counts(
-                    req.pool,
-                    req.identity,
-                    Duration::ZERO,
-                    probe,
-                ));
+            if !self.paused && slot_ok && lease_ok {
+                return Admission::Granted(self.grant_counts(&req, Duration::ZERO, probe));
             }
             if self.normal_queued >= self.cfg.max_queue {
                 return Admission::Shed(self.shed_arrival(&req, ShedReason::QueueFull));
@@ -260,7 +324,9 @@ impl<T> Core<T> {
         p.queued += 1;
         p.m.queued.set(p.queued as f64);
         let ident = ident_entry(&mut self.idents, &req.identity, &self.cfg);
-        if req.in_transaction {
+        if !req.slot {
+            self.conn_queue.push_back(id);
+        } else if req.in_transaction {
             ident.tx_queued += 1;
             self.tx_queue.push_back(id);
         } else {
@@ -281,27 +347,47 @@ impl<T> Core<T> {
             expires,
             in_tx: req.in_transaction,
             probe,
+            slot: req.slot,
+            lease: req.lease,
         };
-        let wake_at = self.wake_at(&w);
+        let wake_at = self.wake_at(&w, now);
         self.waiters.insert(id, w);
         Admission::Queued { id, wake_at }
     }
 
-    /// A granted query finished: free its slot and hand it on.
+    /// A granted query finished: free its slot (and its lease, if it still holds one) and
+    /// hand them on.
     pub(crate) fn release(&mut self, grant: &Grant, now: Instant, out: &mut Vec<Completion<T>>) {
-        self.active = self.active.saturating_sub(1);
-        if let Some(p) = self.pools.get_mut(&*grant.pool) {
-            p.active = p.active.saturating_sub(1);
-            p.m.active.set(p.active as f64);
+        if grant.slot {
+            self.active = self.active.saturating_sub(1);
+            if let Some(p) = self.pools.get_mut(&*grant.pool) {
+                p.active = p.active.saturating_sub(1);
+                p.m.active.set(p.active as f64);
+            }
+            if let Some(i) = self.idents.get_mut(&*grant.identity) {
+                i.active = i.active.saturating_sub(1);
+            }
         }
-        if let Some(i) = self.idents.get_mut(&*grant.identity) {
-            i.active = i.active.saturating_sub(1);
+        if grant.lease {
+            self.drop_lease(&grant.pool);
         }
         if grant.probe {
             // No verdict was reported for the probe: let another request probe.
             self.breaker.probe_abandoned();
         }
         self.dispatch(now, out);
+    }
+
+    /// A session gave its server connection back to the pool.
+    pub(crate) fn release_lease(&mut self, pool: &str, now: Instant, out: &mut Vec<Completion<T>>) {
+        self.drop_lease(pool);
+        self.dispatch(now, out);
+    }
+
+    fn drop_lease(&mut self, pool: &str) {
+        if let Some(p) = self.pools.get_mut(pool) {
+            p.leased = p.leased.saturating_sub(1);
+        }
     }
 
     /// Look at one waiter on its timer: shed it if due, else say when to look again.
@@ -317,7 +403,7 @@ impl<T> Core<T> {
             self.shed_waiter(id, reason, now, out);
             return None;
         }
-        Some(self.wake_at(w))
+        Some(self.wake_at(w, now))
     }
 
     /// Shed every waiter that is due.
@@ -331,9 +417,10 @@ impl<T> Core<T> {
     }
 
     /// The waiter's future was dropped: forget it without a word.
-    pub(crate) fn abandon(&mut self, id: u64) -> bool {
+    pub(crate) fn abandon(&mut self, id: u64, now: Instant) -> bool {
         match self.remove_waiter(id) {
             Some(w) => {
+                self.record_waste(now);
                 if w.probe {
                     self.breaker.probe_abandoned();
                 }
@@ -403,14 +490,22 @@ impl<T> Core<T> {
         self.dispatch(now, out);
     }
 
-    /// Hand free slots to waiters: open transactions first, then the backlogged identity
-    /// with the smallest active/weight, FIFO within it (LIFO while the queue stands).
+    /// Hand free slots and connections to waiters: open transactions first (they need only
+    /// a slot), then logins (only a connection), then the backlogged identity with the
+    /// smallest active/weight, FIFO within it (LIFO while the queue stands), skipping
+    /// waiters whose pool has no connection to spare.
     fn dispatch(&mut self, now: Instant, out: &mut Vec<Completion<T>>) {
         // Each pass removes one waiter, so this ends.
-        while self.active < self.cfg.max_active {
-            let id = if let Some(&id) = self.tx_queue.front() {
+        loop {
+            let slot_free = self.active < self.cfg.max_active;
+            let id = if let Some(id) = self.first_eligible(&self.tx_queue).filter(|_| slot_free) {
                 id
-            } else if self.paused || self.normal_queued == 0 {
+            } else if let Some(id) = self
+                .first_eligible(&self.conn_queue)
+                .filter(|_| !self.paused)
+            {
+                id
+            } else if !slot_free || self.paused || self.normal_queued == 0 {
                 break;
             } else {
                 match self.pick_normal(now) {
@@ -422,13 +517,13 @@ impl<T> Core<T> {
                 debug_assert!(false, "queued id without a waiter");
                 break;
             };
-            if let Some(reason) = self.due_reason(w, now) {
+            if let Some(reason) = self.due_reason_freed(w, now, 1) {
                 self.shed_waiter(id, reason, now, out);
                 continue;
             }
             if let Some(w) = self.remove_waiter(id) {
                 let waited = now.saturating_duration_since(w.enqueued);
-                let grant = self.grant_counts(w.pool, w.identity, waited, w.probe);
+                let grant = self.grant_waiter(&w, waited);
                 out.push(Completion {
                     id,
                     payload: w.payload,
@@ -438,11 +533,30 @@ impl<T> Core<T> {
         }
     }
 
+    /// Whether a waiter's resources are free now (its slot, its pool's connection).
+    fn eligible(&self, id: u64) -> bool {
+        let Some(w) = self.waiters.get(&id) else {
+            return false;
+        };
+        (!w.slot || self.active < self.cfg.max_active)
+            && (!w.lease || self.pools.get(&*w.pool).is_none_or(|p| p.lease_free()))
+    }
+
+    fn first_eligible(&self, q: &VecDeque<u64>) -> Option<u64> {
+        q.iter().copied().find(|&id| self.eligible(id))
+    }
+
     fn pick_normal(&self, now: Instant) -> Option<u64> {
-        fair::pick(&self.backlogged, &self.idents, self.standing(now))
+        fair::pick(&self.backlogged, &self.idents, self.standing(now), |id| {
+            self.eligible(id)
+        })
     }
 
     fn due_reason(&self, w: &Waiter<T>, now: Instant) -> Option<ShedReason> {
+        self.due_reason_freed(w, now, 0)
+    }
+
+    fn due_reason_freed(&self, w: &Waiter<T>, now: Instant, freed: usize) -> Option<ShedReason> {
         if now >= w.expires {
             return Some(if self.paused && !w.in_tx {
                 ShedReason::Paused
@@ -451,6 +565,8 @@ impl<T> Core<T> {
             });
         }
         if !w.in_tx
+            && w.slot
+            && self.bound_by_running(w, freed)
             && self.standing(now)
             && now.saturating_duration_since(w.enqueued) >= self.cfg.codel_target
         {
@@ -459,13 +575,20 @@ impl<T> Core<T> {
         None
     }
 
-    fn wake_at(&self, w: &Waiter<T>) -> Instant {
+    fn wake_at(&self, w: &Waiter<T>, now: Instant) -> Instant {
         match self.nonempty_since {
-            Some(since) if !w.in_tx && !self.paused => {
+            Some(since) if !w.in_tx && w.slot && !self.paused => {
                 // Standing from when both the queue and its oldest waiter are an interval old.
                 let oldest = self.oldest_normal().unwrap_or(w.enqueued);
                 let codel = later(since.max(oldest), self.cfg.codel_interval)
                     .max(later(w.enqueued, self.cfg.codel_target));
+                // Past that time but not due (no waste, or not held back by the database):
+                // look again an interval later, when either may have changed.
+                let codel = if codel <= now {
+                    later(now, self.cfg.codel_interval.max(Duration::from_millis(1)))
+                } else {
+                    codel
+                };
                 codel.min(w.expires)
             }
             _ => w.expires,
@@ -478,7 +601,11 @@ impl<T> Core<T> {
             p.queued = p.queued.saturating_sub(1);
             p.m.queued.set(p.queued as f64);
         }
-        if w.in_tx {
+        if !w.slot {
+            if let Some(pos) = self.conn_queue.iter().position(|&x| x == id) {
+                self.conn_queue.remove(pos);
+            }
+        } else if w.in_tx {
             if let Some(pos) = self.tx_queue.iter().position(|&x| x == id) {
                 self.tx_queue.remove(pos);
             }
@@ -502,26 +629,43 @@ impl<T> Core<T> {
         Some(w)
     }
 
-    fn grant_counts(
+    fn grant_counts(&mut self, req: &AdmitRequest, waited: Duration, probe: bool) -> Grant {
+        self.grant(&req.pool, &req.identity, waited, probe, req.slot, req.lease)
+    }
+
+    fn grant_waiter(&mut self, w: &Waiter<T>, waited: Duration) -> Grant {
+        self.grant(&w.pool, &w.identity, waited, w.probe, w.slot, w.lease)
+    }
+
+    fn grant(
         &mut self,
-        pool: Arc<str>,
-        identity: Arc<str>,
+        pool: &Arc<str>,
+        identity: &Arc<str>,
         waited: Duration,
         probe: bool,
+        slot: bool,
+        lease: bool,
     ) -> Grant {
-        self.active += 1;
-        let p = pool_entry(&mut self.pools, &pool, self.cfg.max_active);
-        p.active += 1;
-        p.m.active.set(p.active as f64);
+        let p = pool_entry(&mut self.pools, pool, self.cfg.max_active);
         p.m.wait.record(waited.as_secs_f64());
-        let i = ident_entry(&mut self.idents, &identity, &self.cfg);
-        i.active += 1;
-        i.admitted_total += 1;
+        if lease {
+            p.leased += 1;
+        }
+        if slot {
+            p.active += 1;
+            p.m.active.set(p.active as f64);
+            self.active += 1;
+            let i = ident_entry(&mut self.idents, identity, &self.cfg);
+            i.active += 1;
+            i.admitted_total += 1;
+        }
         Grant {
-            pool,
-            identity,
+            pool: pool.clone(),
+            identity: identity.clone(),
             waited,
             probe,
+            slot,
+            lease,
         }
     }
 
@@ -535,6 +679,10 @@ impl<T> Core<T> {
         if let Some(w) = self.remove_waiter(id) {
             if w.probe {
                 self.breaker.probe_abandoned();
+            }
+            if reason == ShedReason::QueueTimeout {
+                // The client waited its whole bound for nothing.
+                self.record_waste(now);
             }
             let waited = now.saturating_duration_since(w.enqueued);
             let shed = self.count_shed(&w.pool, &w.identity, reason, waited);
@@ -579,6 +727,8 @@ impl<T> Core<T> {
                 let s = PoolSnapshot {
                     active: p.active,
                     queued: p.queued,
+                    leased: p.leased,
+                    capacity: p.capacity,
                 };
                 (k.to_string(), s)
             })

@@ -55,16 +55,19 @@ pub(crate) fn pick(
     backlogged: &[Arc<str>],
     idents: &HashMap<Arc<str>, Ident>,
     lifo: bool,
+    eligible: impl Fn(u64) -> bool,
 ) -> Option<u64> {
     let mut best: Option<(&Ident, u64)> = None;
     for name in backlogged {
         let Some(i) = idents.get(&**name) else {
             continue;
         };
+        // A waiter whose pool has no server connection to spare cannot use a slot; the
+        // next one of the identity (another pool) may.
         let cand = if lifo {
-            i.queue.back()
+            i.queue.iter().rev().find(|&&id| eligible(id))
         } else {
-            i.queue.front()
+            i.queue.iter().find(|&&id| eligible(id))
         };
         let Some(&cand) = cand else { continue };
         let better = match best {

@@ -41,6 +41,15 @@
 //! the filter and can finish what it started. The rotation spreads the refusals fairly over
 //! time.
 //!
+//! A query of a client that holds no server connection also needs a connection *lease* of
+//! its pool (at most `--pool-size` per pool), granted together with the slot: nobody ever
+//! holds a slot while waiting for a connection, so a client inside a transaction (which holds
+//! its connection and needs only slots) always finishes. Logins wait for a lease alone.
+//! Standing-queue and cohort shedding apply only while work is being wasted (a client gave
+//! up on queued or running work within the last ten intervals, or a waiter timed out) and
+//! only to waiters held back by the database itself (all slots, or all of the pool's
+//! connections, running queries). See docs/DESIGN.md, "Slots and connections".
+//!
 //! A waiter whose client goes away leaves the queue at once; if a slot was granted to it in
 //! that instant, the slot is released and handed on. A circuit breaker stops all of this
 //! while the upstream is failing: after `failure_threshold` consecutive failures every
@@ -64,6 +73,8 @@ mod types;
 mod tests_async;
 #[cfg(test)]
 mod tests_core;
+#[cfg(test)]
+mod tests_lease;
 #[cfg(test)]
 mod tests_prop;
 
@@ -170,6 +181,12 @@ impl Guard {
         self.core.lock().record_success(now());
     }
 
+    /// Work was wasted outside the queue: a client left, or hit its timeout, with its
+    /// query running. Enables standing-queue shedding for a while (see `Core::wasting`).
+    pub fn record_waste(&self) {
+        self.core.lock().record_waste(now());
+    }
+
     /// The upstream failed (connect failure, lost connection, timeout).
     pub fn record_failure(&self) {
         let mut out = Vec::new();
@@ -222,6 +239,12 @@ impl Guard {
         self.core.lock().release(grant, now(), &mut out);
         self.deliver(out);
     }
+
+    fn release_lease(&self, pool: &str) {
+        let mut out = Vec::new();
+        self.core.lock().release_lease(pool, now(), &mut out);
+        self.deliver(out);
+    }
 }
 
 /// Removes the waiter if the admit future is dropped while queued.
@@ -234,7 +257,7 @@ struct Waiting<'a> {
 impl Drop for Waiting<'_> {
     fn drop(&mut self) {
         if self.armed {
-            self.guard.core.lock().abandon(self.id);
+            self.guard.core.lock().abandon(self.id, now());
         }
     }
 }
@@ -267,6 +290,39 @@ impl Permit {
     /// `record_success` / `record_failure`.
     pub fn is_probe(&self) -> bool {
         self.grant.probe
+    }
+
+    /// Takes the server-connection lease granted with this slot (asked for with
+    /// `AdmitRequest::lease`), to be held as long as the connection is.
+    pub fn take_lease(&mut self) -> Option<Lease> {
+        if !self.grant.lease {
+            return None;
+        }
+        self.grant.lease = false;
+        Some(Lease {
+            guard: self.guard.clone(),
+            pool: self.grant.pool.clone(),
+        })
+    }
+}
+
+/// The right to hold one server connection of a pool; dropping it lets the next session
+/// (or login) waiting for one of that pool's connections in. Drop it only after the
+/// connection is back in the pool, so a granted lease always finds a connection free.
+pub struct Lease {
+    guard: Arc<Guard>,
+    pool: Arc<str>,
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        self.guard.release_lease(&self.pool);
+    }
+}
+
+impl std::fmt::Debug for Lease {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Lease").field("pool", &self.pool).finish()
     }
 }
 

@@ -35,7 +35,16 @@ impl PoolMetrics {
 pub(crate) struct Pool {
     pub active: usize,
     pub queued: usize,
+    /// Server connections handed to sessions (leases), at most `capacity`.
+    pub leased: usize,
+    pub capacity: usize,
     pub m: PoolMetrics,
+}
+
+impl Pool {
+    pub fn lease_free(&self) -> bool {
+        self.leased < self.capacity
+    }
 }
 
 pub(crate) fn pool_entry<'a>(
@@ -51,6 +60,8 @@ pub(crate) fn pool_entry<'a>(
             Pool {
                 active: 0,
                 queued: 0,
+                leased: 0,
+                capacity: usize::MAX,
                 m,
             },
         );

@@ -27,6 +27,9 @@ pub struct GuardSnapshot {
 pub struct PoolSnapshot {
     pub active: usize,
     pub queued: usize,
+    /// Server connections held by sessions, out of `capacity`.
+    pub leased: usize,
+    pub capacity: usize,
 }
 
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]

@@ -106,6 +106,8 @@ async fn a_lone_waiter_in_a_standing_queue_is_shed_by_codel() {
         ..GuardConfig::default()
     });
     let _held = g.admit(req("a", 1)).await.unwrap();
+    // Some client just gave up: a standing queue is now worth shedding.
+    g.record_waste();
     let shed = g.admit(req("a", 2)).await.unwrap_err();
     assert_eq!(shed.reason, ShedReason::StandingQueue);
     assert_eq!(shed.waited, Duration::from_millis(100));

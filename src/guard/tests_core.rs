@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use super::core::{Admission, Completion, Core, Grant};
 use super::{AdmitRequest, GuardConfig, ShedReason};
 
-fn ms(n: u64) -> Duration {
+pub(super) fn ms(n: u64) -> Duration {
     Duration::from_millis(n)
 }
 
@@ -19,10 +19,13 @@ pub(super) fn req(identity: &str, client_id: u64) -> AdmitRequest {
         in_transaction: false,
         last_admitted: None,
         deadline: None,
+        slot: true,
+        lease: false,
+        capacity: usize::MAX,
     }
 }
 
-fn cfg(limit: usize) -> GuardConfig {
+pub(super) fn cfg(limit: usize) -> GuardConfig {
     GuardConfig {
         max_active: limit,
         ..GuardConfig::default()
@@ -30,20 +33,20 @@ fn cfg(limit: usize) -> GuardConfig {
 }
 
 /// Core with a fake clock; payloads are the caller's tokens.
-struct Sim {
-    core: Core<u64>,
-    now: Instant,
-    out: Vec<Completion<u64>>,
+pub(super) struct Sim {
+    pub(super) core: Core<u64>,
+    pub(super) now: Instant,
+    pub(super) out: Vec<Completion<u64>>,
 }
 
-enum Got {
+pub(super) enum Got {
     Granted(Grant),
     Shed(ShedReason),
     Queued,
 }
 
 impl Sim {
-    fn new(cfg: GuardConfig) -> Self {
+    pub(super) fn new(cfg: GuardConfig) -> Self {
         let now = Instant::now();
         Sim {
             core: Core::new(cfg, now),
@@ -52,11 +55,11 @@ impl Sim {
         }
     }
 
-    fn advance(&mut self, d: Duration) {
+    pub(super) fn advance(&mut self, d: Duration) {
         self.now += d;
     }
 
-    fn admit(&mut self, r: AdmitRequest, token: u64) -> Got {
+    pub(super) fn admit(&mut self, r: AdmitRequest, token: u64) -> Got {
         match self.core.admit(r, self.now, || token) {
             Admission::Granted(g) => Got::Granted(g),
             Admission::Shed(s) => Got::Shed(s.reason),
@@ -64,30 +67,30 @@ impl Sim {
         }
     }
 
-    fn must_grant(&mut self, r: AdmitRequest) -> Grant {
+    pub(super) fn must_grant(&mut self, r: AdmitRequest) -> Grant {
         match self.admit(r, u64::MAX) {
             Got::Granted(g) => g,
             _ => panic!("expected an immediate grant"),
         }
     }
 
-    fn must_queue(&mut self, r: AdmitRequest, token: u64) {
+    pub(super) fn must_queue(&mut self, r: AdmitRequest, token: u64) {
         assert!(
             matches!(self.admit(r, token), Got::Queued),
             "expected to queue"
         );
     }
 
-    fn release(&mut self, g: &Grant) {
+    pub(super) fn release(&mut self, g: &Grant) {
         self.core.release(g, self.now, &mut self.out);
     }
 
-    fn expire(&mut self) {
+    pub(super) fn expire(&mut self) {
         self.core.expire_due(self.now, &mut self.out);
     }
 
     /// Completions so far as (token, Ok(grant) | Err(reason)).
-    fn drain(&mut self) -> Vec<(u64, Result<Grant, ShedReason>)> {
+    pub(super) fn drain(&mut self) -> Vec<(u64, Result<Grant, ShedReason>)> {
         self.out
             .drain(..)
             .map(|c| (c.payload, c.outcome.map_err(|s| s.reason)))
@@ -254,9 +257,11 @@ fn codel_sheds_a_standing_queue_and_serves_newest_first() {
     let mut held = s.must_grant(req("a", 0));
     let mut shed = 0;
     let mut granted_waits = Vec::new();
-    // Arrivals every 10 ms, service every 30 ms: the queue never empties.
+    // Arrivals every 10 ms, service every 30 ms: the queue never empties, and clients keep
+    // giving up (the waste that makes shedding worth it).
     for step in 1..=100u64 {
         s.advance(ms(10));
+        s.core.record_waste(s.now);
         // Mid-request arrivals: the cohort filter stays out of this test.
         let mut r = req("a", step);
         r.last_admitted = Some(s.now);
@@ -288,11 +293,46 @@ fn codel_sheds_a_standing_queue_and_serves_newest_first() {
     assert!(s.core.queued() <= 12, "queued {}", s.core.queued());
 }
 
+/// A long queue that nobody gives up on is stable: no standing-queue or cohort refusals,
+/// FIFO service, every waiter served within its queue timeout.
+#[test]
+fn a_stable_queue_without_waste_is_never_shed() {
+    let mut s = Sim::new(cfg(1));
+    let mut held = s.must_grant(req("a", 0));
+    for tok in 1..=20u64 {
+        s.must_queue(req("a", tok), tok);
+    }
+    let mut served = Vec::new();
+    // One query every 100 ms, each client queueing again right after its turn (closed loop).
+    for round in 0..200u64 {
+        s.advance(ms(100));
+        s.expire();
+        s.release(&held);
+        let mut got = s.drain();
+        assert_eq!(got.len(), 1, "round {round}");
+        let (tok, res) = got.pop().unwrap();
+        held = res.unwrap_or_else(|r| panic!("round {round}: {tok} refused: {r:?}"));
+        served.push(tok);
+        let next = 1000 + round;
+        let mut r = req("a", next);
+        r.last_admitted = Some(s.now);
+        s.must_queue(r, next);
+    }
+    // FIFO: the first twenty served are the first twenty queued, in order.
+    assert_eq!(served[..20], (1..=20).collect::<Vec<_>>()[..]);
+    assert!(!s.core.snapshot(s.now).standing_queue);
+    assert_eq!(
+        s.core.snapshot(s.now).admitted_cohorts,
+        s.core.snapshot(s.now).cohorts
+    );
+}
+
 #[test]
 fn fifo_returns_once_the_queue_drains() {
     let mut s = Sim::new(cfg(1));
     let held = s.must_grant(req("a", 0));
     s.must_queue(req("a", 1), 1);
+    s.core.record_waste(s.now);
     s.advance(ms(150));
     assert!(s.core.standing(s.now));
     s.release(&held);
@@ -307,6 +347,7 @@ fn fifo_returns_once_the_queue_drains() {
 fn overload(s: &mut Sim) {
     for tok in 10_000..10_200 {
         s.advance(ms(10));
+        s.core.record_waste(s.now);
         let mut r = req("load", tok);
         r.last_admitted = Some(s.now);
         s.must_queue(r, tok);
@@ -330,7 +371,7 @@ fn cohort_shedding_is_consistent_within_a_rotation() {
             let admitted = match s.admit(req("web", client), tok) {
                 Got::Shed(ShedReason::Cohort) => false,
                 Got::Queued => {
-                    s.core.abandon(s.core_last_id());
+                    s.core.abandon(s.core_last_id(), s.now);
                     true
                 }
                 Got::Granted(_) => panic!("slot is held"),

@@ -154,10 +154,10 @@ impl Model {
             }
             Op::Abandon(i) => {
                 if let Some((token, id)) = self.nth_waiting(i) {
-                    assert!(self.core.abandon(id));
+                    assert!(self.core.abandon(id, self.now));
                     self.waiting.remove(&token);
                     self.settled.insert(token);
-                    assert!(!self.core.abandon(id), "abandoned twice");
+                    assert!(!self.core.abandon(id, self.now), "abandoned twice");
                 }
             }
             Op::Failure => self.core.record_failure(now, &mut out),

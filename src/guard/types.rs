@@ -18,6 +18,12 @@ pub struct AdmitRequest {
     pub last_admitted: Option<Instant>,
     /// The client's own deadline: the query never waits past it.
     pub deadline: Option<Instant>,
+    /// Needs a concurrency slot (false: only a server connection, e.g. at login).
+    pub slot: bool,
+    /// Needs a server connection of `pool` (the client holds none yet).
+    pub lease: bool,
+    /// Server connections `pool` may have at once (its connection budget).
+    pub capacity: usize,
 }
 
 /// Why a query was refused before it ran.

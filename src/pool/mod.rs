@@ -4,7 +4,7 @@
 use crate::auth::upstream::{upstream_startup_bound, Binding, UpstreamAuthError};
 use crate::auth::UserStore;
 use crate::config::{Config, Upstream};
-use crate::guard::Guard;
+use crate::guard::{Guard, Lease};
 use crate::metrics as m;
 use crate::tls::upstream::UpstreamTls;
 use parking_lot::{Mutex, RwLock};
@@ -227,7 +227,31 @@ pub struct PoolEntry {
     pub label: Arc<str>,
     pub database: String,
     pub user: String,
+    /// Connections this pool may have (bb8's max_size, fixed when the pool was made): the
+    /// guard hands out at most this many leases.
+    pub capacity: usize,
     params: Arc<RwLock<Vec<(String, String)>>>,
+}
+
+/// A checked-out server connection with the guard's lease on it. Fields drop in order: the
+/// connection goes back to bb8 before the lease lets the next session in, so a session
+/// holding a lease never waits for a connection another session is returning.
+pub struct Leased {
+    conn: bb8::PooledConnection<'static, ServerManager>,
+    _lease: Lease,
+}
+
+impl std::ops::Deref for Leased {
+    type Target = ServerConn;
+    fn deref(&self) -> &ServerConn {
+        &self.conn
+    }
+}
+
+impl std::ops::DerefMut for Leased {
+    fn deref_mut(&mut self) -> &mut ServerConn {
+        &mut self.conn
+    }
 }
 
 impl PoolEntry {
@@ -236,8 +260,18 @@ impl PoolEntry {
         self.params.read().clone()
     }
 
-    /// Checks a connection out, waiting at most `wait`.
-    pub async fn get(
+    /// Checks a connection out under `lease`. The guard grants no more leases than the pool
+    /// has connections, so this waits only for a connect (bounded by `wait`), never for
+    /// another session.
+    pub async fn get(&self, wait: Duration, lease: Lease) -> Result<Leased, PoolError> {
+        let conn = self.get_unleased(wait).await?;
+        Ok(Leased {
+            conn,
+            _lease: lease,
+        })
+    }
+
+    async fn get_unleased(
         &self,
         wait: Duration,
     ) -> Result<bb8::PooledConnection<'static, ServerManager>, PoolError> {
@@ -362,6 +396,7 @@ impl PoolRegistry {
             label,
             database: database.to_string(),
             user: user.to_string(),
+            capacity: s.size,
             params,
         });
         self.pools.lock().entry(key).or_insert(entry).clone()

@@ -26,7 +26,7 @@ impl CancelCause {
 }
 
 impl Session {
-    fn admit_request(&self) -> AdmitRequest {
+    pub(super) fn admit_request(&self) -> AdmitRequest {
         AdmitRequest {
             pool: self.pool.label.clone(),
             identity: self.identity.clone(),
@@ -34,6 +34,9 @@ impl Session {
             in_transaction: self.server.is_some() && self.st.status != b'I',
             last_admitted: self.last_admitted,
             deadline: None,
+            slot: true,
+            lease: self.server.is_none(),
+            capacity: self.pool.capacity,
         }
     }
 
@@ -161,6 +164,7 @@ impl Session {
                 }
                 _ = sleep_until_opt(deadline), if !timed_out => {
                     timed_out = true;
+                    self.shared.guard.record_waste();
                     self.st.rewrite_cancel = Some("pgsluice: query timeout");
                     self.shared.count_cancel(&self.pool, CancelCause::QueryTimeout.as_str());
                     info!(identity = %self.identity, cause = "query_timeout", age_ms = t0.elapsed().as_millis() as u64, "cancelling query");
@@ -195,6 +199,7 @@ impl Session {
             }
             RelayEvent::ClientGone => {
                 drop(permit);
+                self.shared.guard.record_waste();
                 self.shared
                     .observe_query(&self.pool, "abandoned", t0.elapsed());
                 let age = t0.elapsed();

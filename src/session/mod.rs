@@ -13,8 +13,8 @@ pub mod startup;
 
 use crate::cancel::{BackendTarget, CancelEntry};
 use crate::config::{Config, PoolMode};
-use crate::guard::{AdmitRequest, Permit, Shed};
-use crate::pool::{PoolEntry, PoolError, ServerManager};
+use crate::guard::{AdmitRequest, Lease, Permit, Shed};
+use crate::pool::{PoolEntry, PoolError};
 use crate::protocol::{self, Severity};
 use crate::server::Shared;
 use crate::tls::ClientStream;
@@ -27,7 +27,7 @@ use std::time::{Duration, Instant};
 use tokio::net::TcpStream;
 use tracing::{debug, info, warn};
 
-type Server = bb8::PooledConnection<'static, ServerManager>;
+type Server = crate::pool::Leased;
 
 /// Runs a client connection to the end. Never panics on client input.
 pub async fn run(sock: TcpStream, shared: Arc<Shared>) {
@@ -128,9 +128,11 @@ impl Session {
             // First client of this pool (or session mode, or startup values to check): log
             // in upstream now, so a bad database, user or setting is reported at connect
             // time as PostgreSQL would.
+            // Boxed: a login that needs a server is rare next to the queries that follow.
+            let lease = Box::pin(self.login_lease()).await?;
             let mut server = self
                 .pool
-                .get(self.cfg.connect_timeout)
+                .get(self.cfg.connect_timeout, lease)
                 .await
                 .map_err(pool_refusal)?;
             canonical =
@@ -198,20 +200,20 @@ impl Session {
                 continue;
             }
             self.refresh_config();
-            let started = Instant::now();
-            let permit = match self.admit().await {
+            let mut permit = match self.admit().await {
                 Admission::Admitted(p) => p,
                 Admission::Refused => continue,
                 Admission::ClientGone => return,
             };
             self.last_admitted = Some(Instant::now());
             if self.server.is_none() {
-                let wait = self
-                    .cfg
-                    .queue_timeout
-                    .saturating_sub(started.elapsed())
-                    .max(Duration::from_millis(100));
-                match self.pool.get(wait).await {
+                // Admission granted a connection lease with the slot (one decision): the pool
+                // has a connection for it or room to open one, so this waits only for a connect.
+                let Some(lease) = permit.take_lease() else {
+                    debug_assert!(false, "admitted without a server and without a lease");
+                    return;
+                };
+                match self.pool.get(self.cfg.connect_timeout, lease).await {
                     Ok(s) => self.server = Some(s),
                     Err(e) => {
                         let (code, msg) = match &e {
@@ -249,6 +251,22 @@ impl Session {
             if !self.run_query(permit).await {
                 return;
             }
+        }
+    }
+
+    /// Waits for one of the pool's server connections at login (no slot: nothing runs yet).
+    async fn login_lease(&mut self) -> Result<Lease, Refusal> {
+        let mut req = self.admit_request();
+        req.slot = false;
+        req.lease = true;
+        match self.shared.guard.admit(req).await {
+            Ok(mut p) => p
+                .take_lease()
+                .ok_or_else(|| Refusal("08006", "pgsluice: no server connection lease".into())),
+            Err(shed) => Err(Refusal(
+                shed.reason.sqlstate(),
+                format!("{} ({})", shed.message(), shed.hint()),
+            )),
         }
     }
 
