@@ -1,5 +1,6 @@
 //! One server connection and the relay buffers that travel with it.
 
+use super::PoolError;
 use crate::tls::ServerStream;
 use std::net::SocketAddr;
 use std::time::Instant;
@@ -18,6 +19,9 @@ pub struct ServerConn {
     pub prepared: crate::session::prepared::ServerStatements,
     /// Session parameters the proxy applied here (transaction pooling).
     pub params: crate::session::params::ParamSet,
+    /// Set at checkout, cleared by the first batch: until the server answers that batch,
+    /// a failure means the connection was already dead and the batch may go elsewhere.
+    pub untried: bool,
 }
 
 impl ServerConn {
@@ -32,6 +36,25 @@ impl ServerConn {
             broken: false,
             prepared: Default::default(),
             params: Default::default(),
+            untried: false,
+        }
+    }
+
+    /// Checkout check. A pooled connection sits at a clean ReadyForQuery with no client,
+    /// so its server has nothing to say: any byte (a FATAL from pg_terminate_backend,
+    /// idle_session_timeout or a shutdown), EOF or error means it is dead or out of step.
+    /// Readiness-based: no system call unless the reactor saw the socket readable.
+    pub fn check_idle(&mut self) -> Result<(), PoolError> {
+        let mut b = [0u8; 64];
+        match self.stream.try_read(&mut b) {
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                self.untried = true;
+                Ok(())
+            }
+            _ => {
+                self.broken = true;
+                Err(PoolError::Stale)
+            }
         }
     }
 }

@@ -36,6 +36,9 @@ pub enum PoolError {
     /// A connect attempt made for this pool while we waited failed.
     #[error("{0}")]
     Failed(String),
+    /// An idle pooled connection was found closed or talking at checkout.
+    #[error("server connection died while idle")]
+    Stale,
 }
 
 impl PoolError {
@@ -175,10 +178,10 @@ impl bb8::ManageConnection for ServerManager {
         res
     }
 
-    async fn is_valid(&self, _conn: &mut ServerConn) -> Result<(), PoolError> {
-        // Checked-in connections are always at a clean ReadyForQuery; a dead socket shows up
-        // as an error on first use and the session retries on a fresh connection.
-        Ok(())
+    async fn is_valid(&self, conn: &mut ServerConn) -> Result<(), PoolError> {
+        // A dead idle connection is dropped here and bb8 takes the next one; it is not an
+        // upstream failure (the breaker only hears about connects).
+        conn.check_idle()
     }
 
     fn has_broken(&self, conn: &mut ServerConn) -> bool {
@@ -379,7 +382,7 @@ impl PoolRegistry {
         let pool = bb8::Pool::builder()
             .max_size(s.size as u32)
             .min_idle(None)
-            .test_on_check_out(false)
+            .test_on_check_out(true)
             .retry_connection(false)
             .max_lifetime(s.lifetime)
             .idle_timeout(s.idle_timeout)

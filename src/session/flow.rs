@@ -131,6 +131,10 @@ impl Session {
         let Some(server) = self.server.as_mut() else {
             return false;
         };
+        if std::mem::take(&mut server.untried) {
+            // First batch on this checkout: keep it until the server answers.
+            self.st.begin_hold();
+        }
         let target = BackendTarget {
             addr: server.addr,
             pid: server.pid,
@@ -226,6 +230,17 @@ impl Session {
                 warn!(identity = %self.identity, error = %e, "upstream sent an invalid message");
                 drop(permit);
                 self.server_lost().await
+            }
+            RelayEvent::Stale => {
+                // Nothing ran: no query outcome and no upstream failure (the breaker must
+                // not open over a connection an admin or a timeout closed). The batch is
+                // unsent again; the serve loop takes it to another server.
+                info!(identity = %self.identity, "server connection was dead before the batch reached it; resending");
+                drop(permit);
+                if let Some(mut s) = self.server.take() {
+                    s.broken = true;
+                }
+                true
             }
         }
     }

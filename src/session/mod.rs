@@ -5,6 +5,7 @@
 pub mod bufpool;
 mod copyin;
 mod flow;
+mod idle;
 pub mod params;
 pub mod prepared;
 pub mod relay;
@@ -280,8 +281,16 @@ impl Session {
         let in_tx = self.st.status != b'I';
         loop {
             let readable = self.client.readable();
+            let watch_server = self.server.is_some();
             let res = tokio::select! {
                 r = readable => r,
+                _ = server_readable(&mut self.server), if watch_server => {
+                    // Boxed: rare, and it would otherwise enlarge every session's future.
+                    if !Box::pin(self.server_spoke()).await {
+                        return false;
+                    }
+                    continue;
+                }
                 _ = sleep_opt(idle_tx) => {
                     self.idle_in_transaction_expired().await;
                     return false;
@@ -333,6 +342,16 @@ impl Session {
                 Ok(true)
             }
         }
+    }
+}
+
+/// Resolves when the attached server's socket is readable (never without a server).
+async fn server_readable(server: &mut Option<Server>) {
+    match server {
+        Some(s) => {
+            let _ = s.stream.readable().await;
+        }
+        None => std::future::pending().await,
     }
 }
 

@@ -18,6 +18,9 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
+mod replay;
+use replay::Held;
+
 /// Why the relay stopped.
 #[derive(Debug)]
 pub enum RelayEvent {
@@ -31,7 +34,16 @@ pub enum RelayEvent {
     ClientProtocol(ProtocolError),
     /// The server sent something unparseable.
     ServerProtocol(ProtocolError),
+    /// A freshly checked-out server failed before its first byte (EOF, or a FATAL saying it
+    /// was terminated): nothing ran there. The client's bytes are back in `c2s`, unsent.
+    Stale,
 }
+
+/// Client bytes kept for a resend on another server, at most.
+const MAX_REPLAY: usize = 16 * 1024;
+/// Resends of one batch after stale servers before its failure is reported. After an
+/// upstream restart every idle connection of a pool may be dead; each try discards one.
+const MAX_RETRIES: u8 = 8;
 
 /// Protocol state of one client's stream, kept for the session's lifetime.
 pub struct RelayState {
@@ -80,6 +92,9 @@ pub struct RelayState {
     scratch: Vec<u8>,
     /// Session parameters: tracked values, responses of injected queries to remove.
     pub params: Tracker,
+    /// Until the first server byte after a fresh checkout: the client's raw bytes since,
+    /// for a resend if that server turns out dead, while server bytes are held unscanned.
+    replay: Option<Box<replay::Replay>>,
 }
 
 impl Default for RelayState {
@@ -117,6 +132,7 @@ impl RelayState {
             expect: Expectations::default(),
             scratch: Vec::new(),
             params: Tracker::default(),
+            replay: None,
         }
     }
 
@@ -140,6 +156,9 @@ impl RelayState {
     /// End of what may be written to the client now: a ParseComplete or CloseComplete that
     /// may still have to be removed is held back until it is complete.
     fn s2c_limit(&self) -> usize {
+        if self.holding() {
+            return self.s2c.pos;
+        }
         if self.params.stripping() {
             // Everything up to the injected query's ReadyForQuery is removed.
             return self.s2c.end - self.sscan.partial_len().min(self.s2c.len());
@@ -257,6 +276,9 @@ impl RelayState {
     pub fn release_buffers(&mut self) {
         self.c2s.release();
         self.s2c.release();
+        if self.replay.as_ref().is_some_and(|r| r.is_large()) {
+            self.replay = None;
+        }
     }
 
     /// Scans client bytes just read at absolute offsets `from..c2s.end`.
@@ -379,6 +401,7 @@ impl RelayState {
         self.expect.clear();
         self.stmts.server_lost();
         self.params.abandon();
+        self.replay = None;
         owed
     }
 
@@ -396,7 +419,7 @@ impl RelayState {
         }
     }
 
-    fn scan_server(
+    pub(super) fn scan_server(
         &mut self,
         from: usize,
         server: &mut ServerStatements,
@@ -495,7 +518,16 @@ pub async fn relay(
     server: &mut ServerConn,
     st: &mut RelayState,
 ) -> RelayEvent {
-    poll_fn(|cx| poll_relay(cx, client, server, st)).await
+    let ev = poll_fn(|cx| poll_relay(cx, client, server, st)).await;
+    if matches!(ev, RelayEvent::Stale) {
+        return ev;
+    }
+    // Server bytes held while waiting for the first reply are scanned before anyone
+    // else (a drain, a release) reads this stream.
+    match st.release_hold(&mut server.prepared) {
+        Ok(()) => ev,
+        Err(e) => RelayEvent::ServerProtocol(e),
+    }
 }
 
 fn poll_relay(
@@ -513,14 +545,14 @@ fn poll_relay(
         if limit > st.c2s.pos {
             match Pin::new(&mut server.stream).poll_write(cx, st.c2s.data_to(limit)) {
                 Poll::Ready(Ok(0)) => {
-                    return Poll::Ready(RelayEvent::ServerGone(io::ErrorKind::WriteZero.into()))
+                    return Poll::Ready(st.server_gone(io::ErrorKind::WriteZero.into()))
                 }
                 Poll::Ready(Ok(n)) => {
                     st.c2s.consume(n);
                     st.after_client_write();
                     progressed = true;
                 }
-                Poll::Ready(Err(e)) => return Poll::Ready(RelayEvent::ServerGone(e)),
+                Poll::Ready(Err(e)) => return Poll::Ready(st.server_gone(e)),
                 Poll::Pending => {}
             }
         }
@@ -543,6 +575,9 @@ fn poll_relay(
                     st.c2s.end = from + n;
                     if let Err(e) = st.scan_client(from) {
                         return Poll::Ready(RelayEvent::ClientProtocol(e));
+                    }
+                    if let Err(e) = st.keep_raw(from, &mut server.prepared) {
+                        return Poll::Ready(RelayEvent::ServerProtocol(e));
                     }
                     progressed = true;
                 }
@@ -582,9 +617,7 @@ fn poll_relay(
                 Poll::Ready(Ok(())) => {
                     let n = rb.filled().len();
                     if n == 0 {
-                        return Poll::Ready(RelayEvent::ServerGone(
-                            io::ErrorKind::UnexpectedEof.into(),
-                        ));
+                        return Poll::Ready(st.server_gone(io::ErrorKind::UnexpectedEof.into()));
                     }
                     let from = if st.s2c.pos == 0 && st.s2c.end == 0 {
                         0
@@ -592,12 +625,21 @@ fn poll_relay(
                         from
                     };
                     st.s2c.end = from + n;
-                    if let Err(e) = st.scan_server(from, &mut server.prepared) {
+                    let scanned = match st.on_held(&mut server.prepared) {
+                        Held::No => st.scan_server(from, &mut server.prepared),
+                        Held::Wait => Ok(()),
+                        Held::Released(r) => r,
+                        Held::Stale => {
+                            let e = io::ErrorKind::ConnectionAborted.into();
+                            return Poll::Ready(st.server_gone(e));
+                        }
+                    };
+                    if let Err(e) = scanned {
                         return Poll::Ready(RelayEvent::ServerProtocol(e));
                     }
                     progressed = true;
                 }
-                Poll::Ready(Err(e)) => return Poll::Ready(RelayEvent::ServerGone(e)),
+                Poll::Ready(Err(e)) => return Poll::Ready(st.server_gone(e)),
                 Poll::Pending => {}
             }
         }
@@ -605,7 +647,7 @@ fn poll_relay(
         // TLS may accept bytes without sending them; flush both sides every round so
         // nothing written waits for a next write that may never come. Plain TCP: no-op.
         if let Poll::Ready(Err(e)) = Pin::new(&mut server.stream).poll_flush(cx) {
-            return Poll::Ready(RelayEvent::ServerGone(e));
+            return Poll::Ready(st.server_gone(e));
         }
         let client_flushed = match Pin::new(&mut *client).poll_flush(cx) {
             Poll::Ready(Ok(())) => true,

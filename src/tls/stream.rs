@@ -89,6 +89,32 @@ impl ServerStream {
     pub fn is_tls(&self) -> bool {
         matches!(self, ServerStream::Tls(_))
     }
+
+    /// Waits until a read may make progress, as [`ClientStream::readable`].
+    pub async fn readable(&mut self) -> io::Result<()> {
+        match self {
+            ServerStream::Plain(s) => s.readable().await,
+            ServerStream::Tls(t) => {
+                let ready = match t.get_mut().1.process_new_packets() {
+                    Ok(state) => state.plaintext_bytes_to_read() > 0 || state.peer_has_closed(),
+                    Err(_) => true,
+                };
+                if ready {
+                    return Ok(());
+                }
+                t.get_ref().0.readable().await
+            }
+        }
+    }
+
+    /// Reads without waiting; `WouldBlock` when nothing is available. On plain TCP this
+    /// makes no system call unless the reactor has seen the socket readable.
+    pub fn try_read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match self {
+            ServerStream::Plain(s) => s.try_read(buf),
+            ServerStream::Tls(t) => try_read_tls(Pin::new(&mut **t), buf),
+        }
+    }
 }
 
 macro_rules! delegate_io {

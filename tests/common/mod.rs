@@ -35,3 +35,14 @@ pub async fn cluster() -> TempPostgres {
         .await
         .expect("start cluster")
 }
+
+/// Starts a throwaway cluster with extra postgresql.conf settings.
+pub async fn cluster_with(settings: &[(&str, &str)]) -> TempPostgres {
+    let mut b = TempPostgres::builder();
+    for (k, v) in settings {
+        b = b.setting(k, v);
+    }
+    tokio::task::spawn_blocking(move || b.spawn())
+        .await
+        .expect("start cluster")
+}
