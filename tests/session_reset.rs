@@ -161,10 +161,11 @@ async fn no_application_name_shows_the_servers_default() {
     }
 }
 
-/// What the other end sends until it closes (or `T` passes).
+/// What the other end sends, after `bytes` and the end of our side, until it closes.
 async fn answer_to(addr: std::net::SocketAddr, bytes: &[u8]) -> Vec<u8> {
     let mut s = TcpStream::connect(addr).await.expect("connect");
     s.write_all(bytes).await.expect("send");
+    s.shutdown().await.expect("half-close");
     let mut got = Vec::new();
     tokio::time::timeout(T, s.read_to_end(&mut got))
         .await

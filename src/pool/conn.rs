@@ -18,6 +18,8 @@ pub struct ServerConn {
     pub prepared: crate::session::prepared::ServerStatements,
     /// Session parameters the proxy applied here (transaction pooling).
     pub params: crate::session::params::ParamSet,
+    /// Startup parameters it logged in with beyond the pool's usual ones (session pooling).
+    pub login: crate::session::params::ParamSet,
 }
 
 impl ServerConn {
@@ -32,6 +34,7 @@ impl ServerConn {
             broken: false,
             prepared: Default::default(),
             params: Default::default(),
+            login: Default::default(),
         }
     }
 }

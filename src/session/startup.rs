@@ -44,12 +44,18 @@ pub async fn open(
     for _ in 0..4 {
         let packet = match timeout_at(deadline, protocol::read_startup(&mut client)).await {
             Ok(Ok(p)) => p,
+            Ok(Err(e)) if e.is_eof() => return None,
+            // PostgreSQL answers a bad length word by closing without a word (it only logs
+            // "invalid length of startup packet"): a Terminate sent before any startup packet
+            // reads as one, and so does a client speaking another protocol.
+            Ok(Err(e @ ProtocolError::BadLength(_))) => {
+                debug!(error = %e, "invalid length of startup packet; closing");
+                return None;
+            }
             Ok(Err(e)) => {
-                if !e.is_eof() {
-                    let Refusal(code, msg) = e.into();
-                    debug!(code, %msg, "startup refused");
-                    send_fatal(&mut client, code, &msg).await;
-                }
+                let Refusal(code, msg) = e.into();
+                debug!(code, %msg, "startup refused");
+                send_fatal(&mut client, code, &msg).await;
                 return None;
             }
             Err(_) => {
