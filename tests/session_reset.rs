@@ -29,7 +29,9 @@ async fn one(c: &mut Raw, sql: &str) -> String {
 }
 
 async fn all(c: &mut Raw, sql: &str) -> Vec<String> {
-    c.batch(sql).await.unwrap_or_else(|e| panic!("{sql}: {e:?}"))
+    c.batch(sql)
+        .await
+        .unwrap_or_else(|e| panic!("{sql}: {e:?}"))
 }
 
 /// The same statements, run on `c`, answer as on a direct connection with the same startup
@@ -80,7 +82,11 @@ async fn session_mode_reset_returns_to_startup_values() {
     // A client with other startup parameters does not get A's as its reset values.
     let mut b = Raw::connect(proxy.addr(), &[]).await.expect("startup");
     let mut d = Raw::connect(pg.addr(), &[]).await.expect("direct");
-    for sql in ["SHOW DateStyle", "RESET ALL; SHOW TimeZone", "SHOW IntervalStyle"] {
+    for sql in [
+        "SHOW DateStyle",
+        "RESET ALL; SHOW TimeZone",
+        "SHOW IntervalStyle",
+    ] {
         assert_eq!(all(&mut b, sql).await, all(&mut d, sql).await, "{sql}");
     }
     drop(b);
@@ -100,7 +106,10 @@ async fn session_mode_reuses_backends_of_equal_startup_parameters() {
     drop(a);
     let mut b = Raw::connect(proxy.addr(), &REGRESS).await.expect("startup");
     assert_eq!(one(&mut b, "SELECT pg_backend_pid()").await, a_pid);
-    assert_eq!(one(&mut b, "RESET ALL; SHOW DateStyle").await, "Postgres, MDY");
+    assert_eq!(
+        one(&mut b, "RESET ALL; SHOW DateStyle").await,
+        "Postgres, MDY"
+    );
     proxy.shutdown().await;
 }
 
@@ -118,7 +127,9 @@ async fn transaction_mode_set_to_default_value_survives_other_resets() {
     assert_eq!(one(&mut other, "SHOW DateStyle").await, "ISO, MDY");
     assert_eq!(one(&mut a, "SHOW IntervalStyle").await, "postgres");
     assert_eq!(one(&mut a, "SHOW DateStyle").await, "ISO, MDY");
-    a.batch("BEGIN; RESET enable_seqscan; COMMIT").await.unwrap();
+    a.batch("BEGIN; RESET enable_seqscan; COMMIT")
+        .await
+        .unwrap();
     assert_eq!(one(&mut a, "SHOW IntervalStyle").await, "postgres");
 
     // RESET of a startup parameter returns to the client's startup value (from the next

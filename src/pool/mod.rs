@@ -132,7 +132,10 @@ impl ServerManager {
             ("user", self.user.as_str()),
             ("database", self.database.as_str()),
         ];
-        if !login.iter().any(|(k, _)| k.eq_ignore_ascii_case("client_encoding")) {
+        if !login
+            .iter()
+            .any(|(k, _)| k.eq_ignore_ascii_case("client_encoding"))
+        {
             params.push(("client_encoding", "UTF8"));
         }
         params.extend_from_slice(login);
@@ -156,7 +159,8 @@ impl ServerManager {
     }
 
     async fn connect_login(&self, login: &[(&str, &str)]) -> Result<ServerConn, PoolError> {
-        let res = match tokio::time::timeout(self.connect_timeout, self.connect_inner(login)).await {
+        let res = match tokio::time::timeout(self.connect_timeout, self.connect_inner(login)).await
+        {
             Ok(r) => r,
             Err(_) => Err(PoolError::Timeout(self.upstream.label())),
         };
