@@ -18,8 +18,9 @@ pub struct ServerConn {
     pub prepared: crate::session::prepared::ServerStatements,
     /// Session parameters the proxy applied here (transaction pooling).
     pub params: crate::session::params::ParamSet,
-    /// Startup parameters it logged in with beyond the pool's usual ones (session pooling).
-    pub login: crate::session::params::ParamSet,
+    /// Startup parameters it logged in with beyond the pool's usual ones (session pooling;
+    /// boxed: every session future holds a connection's place).
+    pub login: Option<Box<crate::session::params::ParamSet>>,
 }
 
 impl ServerConn {
@@ -34,7 +35,7 @@ impl ServerConn {
             broken: false,
             prepared: Default::default(),
             params: Default::default(),
-            login: Default::default(),
+            login: None,
         }
     }
 }

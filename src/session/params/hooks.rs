@@ -248,10 +248,13 @@ impl Session {
         let Some(server) = self.server.as_mut() else {
             return Ok(());
         };
-        let key = login_key(canonical);
+        let key = Some(login_key(canonical))
+            .filter(|k| *k != ParamSet::default())
+            .map(Box::new);
         if server.login != key {
-            let pairs: Vec<(&str, &str)> = (0..TRACKED.len())
-                .filter_map(|i| key.get(i).map(|v| (TRACKED[i], v)))
+            let pairs: Vec<(&str, &str)> = key
+                .iter()
+                .flat_map(|k| (0..TRACKED.len()).filter_map(|i| k.get(i).map(|v| (TRACKED[i], v))))
                 .collect();
             let fresh = self
                 .pool
