@@ -92,11 +92,15 @@ for mode in "${MODES[@]}"; do
     if [[ $mode != direct ]]; then
         port=$(free_port)
         # Up to 20 tests run at once, each with a few connections of its own.
-        pool=40
-        [[ $mode == transaction ]] && pool=20
+        pool=40 limit=0
+        # Transaction mode: a session advisory lock stays on whichever server connection
+        # took it, so advisory_lock's next transaction can wait for it forever; a query
+        # timeout turns that stall into a 57014 failure and lets the run finish.
+        [[ $mode == transaction ]] && pool=20 limit=30s
         "$PROXY" --listen "127.0.0.1:$port" --admin-listen off \
             --upstream "postgres://postgres@127.0.0.1:$PGPORT_/postgres" \
             --pool-mode "$mode" --pool-size "$pool" --codel-interval 0 --queue-timeout 60s \
+            --query-timeout "$limit" \
             >"$out/pgsluice.log" 2>&1 &
         PROXY_PID=$!
         for _ in $(seq 100); do
