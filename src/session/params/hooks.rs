@@ -284,6 +284,11 @@ impl Session {
         let Some(server) = self.server.as_mut() else {
             return;
         };
+        // Logged in with a session-mode client's parameters (before a reload switched to
+        // transaction mode): its reset values are not the pool's, so it is not kept.
+        if server.login.is_some() && self.st.params.mode == Mode::Transaction {
+            server.broken = true;
+        }
         if self.st.status != b'I' || self.st.params.current == server.params {
             return;
         }
