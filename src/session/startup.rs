@@ -45,13 +45,6 @@ pub async fn open(
         let packet = match timeout_at(deadline, protocol::read_startup(&mut client)).await {
             Ok(Ok(p)) => p,
             Ok(Err(e)) if e.is_eof() => return None,
-            // PostgreSQL answers a bad length word by closing without a word (it only logs
-            // "invalid length of startup packet"): a Terminate sent before any startup packet
-            // reads as one, and so does a client speaking another protocol.
-            Ok(Err(e @ ProtocolError::BadLength(_))) => {
-                debug!(error = %e, "invalid length of startup packet; closing");
-                return None;
-            }
             Ok(Err(e)) => {
                 let Refusal(code, msg) = e.into();
                 debug!(code, %msg, "startup refused");
@@ -98,6 +91,10 @@ pub async fn open(
                 if client.write_all(b"N").await.is_err() {
                     return None;
                 }
+            }
+            StartupPacket::Terminate => {
+                debug!("Terminate before startup; closing");
+                return None;
             }
             StartupPacket::Cancel { pid, secret } => {
                 // Plaintext cancels are accepted even when TLS is required, as PostgreSQL
