@@ -333,5 +333,22 @@ impl Session {
                 server.broken = true;
             }
         }
+        // After a RESET the server reported its own default, but the client's value is its
+        // startup value again (applied before its next batch). The client has everything
+        // up to ReadyForQuery, and ParameterStatus may come at any time.
+        let reported = self.pool.server_params();
+        let mut b = BytesMut::new();
+        for (i, v) in self.st.params.take_announce() {
+            if reported
+                .iter()
+                .any(|(k, _)| k.eq_ignore_ascii_case(TRACKED[i]))
+            {
+                protocol::parameter_status(&mut b, TRACKED[i], v);
+            }
+        }
+        if !b.is_empty() {
+            // A client gone meanwhile is noticed at its next read.
+            let _ = crate::session::startup::send(&mut self.client, &b).await;
+        }
     }
 }

@@ -98,9 +98,12 @@ pub struct Tracker {
     changed: bool,
     /// ReadyForQuery messages still owed for injected queries; everything up to and
     /// including them is removed from the stream.
-    strip: u32,
+    strip: u16,
     /// An injected query failed.
     sync_failed: bool,
+    /// Parameters that returned to their startup value after a RESET (bit per position):
+    /// the server told the client its own default, so the proxy tells it the value again.
+    announce: u16,
     /// Client statement names whose text may change a setting (extended protocol).
     set_stmts: Vec<(Vec<u8>, Hit)>,
 }
@@ -189,7 +192,7 @@ impl Tracker {
 
     /// An injected query is on its way to the server.
     pub fn injected(&mut self) {
-        self.strip += 1;
+        self.strip = self.strip.saturating_add(1);
     }
 
     /// A message answering an injected query, to be removed: keeps the relay's batch
@@ -255,11 +258,23 @@ impl Tracker {
     /// PostgreSQL, which the next batch then applies.
     pub fn apply_read_back(&mut self, actual: ParamSet) -> ParamSet {
         for i in 0..TRACKED.len() {
+            let back = actual.get(i).is_none() && self.startup.get(i).is_some();
+            if back && self.current.get(i) != self.startup.get(i) {
+                self.announce |= 1 << i;
+            }
             self.current.set(i, actual.get(i).or(self.startup.get(i)));
         }
         self.dirty = false;
         self.changed = false;
         actual
+    }
+
+    /// Parameters back at their startup value since the client was last told otherwise.
+    pub fn take_announce(&mut self) -> impl Iterator<Item = (usize, &str)> {
+        let a = std::mem::take(&mut self.announce);
+        (0..TRACKED.len())
+            .filter(move |i| a & (1 << i) != 0)
+            .filter_map(|i| self.current.get(i).map(|v| (i, v)))
     }
 
     /// A read-back failed: keep the best guess, stop asking.
