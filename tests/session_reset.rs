@@ -135,10 +135,16 @@ async fn transaction_mode_set_to_default_value_survives_other_resets() {
     // RESET of a startup parameter returns to the client's startup value (from the next
     // batch on in transaction mode), SET ... TO DEFAULT too.
     a.batch("RESET DateStyle").await.unwrap();
-    assert_eq!(a.status["DateStyle"], "ISO, MDY", "what the server reported");
+    assert_eq!(
+        a.status["DateStyle"], "ISO, MDY",
+        "what the server reported"
+    );
     assert_eq!(one(&mut other, "SHOW DateStyle").await, "ISO, MDY");
     assert_eq!(all(&mut a, "SHOW DateStyle").await, ["Postgres, MDY"]);
-    assert_eq!(a.status["DateStyle"], "Postgres, MDY", "what the client is told next");
+    assert_eq!(
+        a.status["DateStyle"], "Postgres, MDY",
+        "what the client is told next"
+    );
     a.batch("SET TimeZone = 'UTC'").await.unwrap();
     a.batch("SET TimeZone TO DEFAULT").await.unwrap();
     assert_eq!(one(&mut a, "SHOW TimeZone").await, "PST8PDT");
