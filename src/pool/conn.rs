@@ -22,6 +22,9 @@ pub struct ServerConn {
     /// Set at checkout, cleared by the first batch: until the server answers that batch,
     /// a failure means the connection was already dead and the batch may go elsewhere.
     pub untried: bool,
+    /// Startup parameters it logged in with beyond the pool's usual ones (session pooling;
+    /// boxed: every session future holds a connection's place).
+    pub login: Option<Box<crate::session::params::ParamSet>>,
 }
 
 impl ServerConn {
@@ -37,6 +40,7 @@ impl ServerConn {
             prepared: Default::default(),
             params: Default::default(),
             untried: false,
+            login: None,
         }
     }
 

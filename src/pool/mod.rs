@@ -73,6 +73,7 @@ impl PoolError {
 static NEXT_CONN_ID: AtomicU64 = AtomicU64::new(1);
 
 /// Creates and checks server connections for one (database, user).
+#[derive(Clone)]
 pub struct ServerManager {
     upstream: Upstream,
     tls: Arc<UpstreamTls>,
@@ -99,7 +100,11 @@ pub struct ConnectFailures {
 }
 
 impl ServerManager {
-    async fn connect_inner(&self) -> Result<ServerConn, PoolError> {
+    /// Logs in with `login` as extra startup parameters (session pooling: the backend then
+    /// takes them as its reset values, as for a direct client). The pool's own connections
+    /// send none beyond `client_encoding`, and no `application_name`, so a client that sends
+    /// none sees the server's default.
+    async fn connect_inner(&self, login: &[(&str, &str)]) -> Result<ServerConn, PoolError> {
         let addr_s = format!("{}:{}", self.upstream.host, self.upstream.port);
         let tcp = TcpStream::connect(&addr_s)
             .await
@@ -126,16 +131,22 @@ impl ServerManager {
             end_point: secured.end_point,
             mode: self.upstream.channel_binding,
         };
-        let params = [
+        let mut params = vec![
             ("user", self.user.as_str()),
             ("database", self.database.as_str()),
-            ("application_name", "pgsluice"),
-            ("client_encoding", "UTF8"),
         ];
+        if !login
+            .iter()
+            .any(|(k, _)| k.eq_ignore_ascii_case("client_encoding"))
+        {
+            params.push(("client_encoding", "UTF8"));
+        }
+        params.extend_from_slice(login);
         let st = upstream_startup_bound(&mut stream, &params, self.password.as_deref(), &binding)
             .await?;
         tracing::debug!(tls = binding.tls, auth = ?st.auth, backend_pid = st.pid, "server connection logged in");
-        {
+        // The pool's parameters are those of its own logins, not of a client's.
+        if login.is_empty() {
             let mut p = self.params.write();
             if p.is_empty() {
                 *p = st.params.clone();
@@ -149,14 +160,10 @@ impl ServerManager {
             st.secret,
         ))
     }
-}
 
-impl bb8::ManageConnection for ServerManager {
-    type Connection = ServerConn;
-    type Error = PoolError;
-
-    async fn connect(&self) -> Result<ServerConn, PoolError> {
-        let res = match tokio::time::timeout(self.connect_timeout, self.connect_inner()).await {
+    async fn connect_login(&self, login: &[(&str, &str)]) -> Result<ServerConn, PoolError> {
+        let res = match tokio::time::timeout(self.connect_timeout, self.connect_inner(login)).await
+        {
             Ok(r) => r,
             Err(_) => Err(PoolError::Timeout(self.upstream.label())),
         };
@@ -169,13 +176,25 @@ impl bb8::ManageConnection for ServerManager {
                 if e.is_upstream_failure() {
                     self.guard.record_failure();
                 }
-                *self.failures.last.lock() = Some(e.to_string());
-                self.failures.notify.notify_waiters();
+                // A client's own login fails that client only, not the pool's waiters.
+                if login.is_empty() {
+                    *self.failures.last.lock() = Some(e.to_string());
+                    self.failures.notify.notify_waiters();
+                }
                 "error"
             }
         };
         metrics::counter!(m::SERVER_CONNECTS_TOTAL, "pool" => self.label.to_string(), "outcome" => outcome).increment(1);
         res
+    }
+}
+
+impl bb8::ManageConnection for ServerManager {
+    type Connection = ServerConn;
+    type Error = PoolError;
+
+    async fn connect(&self) -> Result<ServerConn, PoolError> {
+        self.connect_login(&[]).await
     }
 
     async fn is_valid(&self, conn: &mut ServerConn) -> Result<(), PoolError> {
@@ -231,6 +250,8 @@ pub struct PoolEntry {
     /// guard hands out at most this many leases.
     pub capacity: usize,
     params: Arc<RwLock<Vec<(String, String)>>>,
+    /// Opens connections with a client's startup parameters (session pooling).
+    manager: ServerManager,
 }
 
 /// A checked-out server connection with the guard's lease on it. Fields drop in order: the
@@ -255,6 +276,12 @@ impl std::ops::DerefMut for Leased {
 }
 
 impl PoolEntry {
+    /// A new server connection logged in with `login` as extra startup parameters, counted
+    /// like the pool's own; the caller puts it in place of one it holds from the pool.
+    pub async fn connect_with(&self, login: &[(&str, &str)]) -> Result<ServerConn, PoolError> {
+        self.manager.connect_login(login).await
+    }
+
     /// The upstream's ParameterStatus set (empty until the first successful login).
     pub fn server_params(&self) -> Vec<(String, String)> {
         self.params.read().clone()
@@ -388,7 +415,7 @@ impl PoolRegistry {
             .idle_timeout(s.idle_timeout)
             .connection_timeout(Duration::from_secs(3600))
             .reaper_rate(Duration::from_secs(5))
-            .build_unchecked(manager);
+            .build_unchecked(manager.clone());
         let entry = Arc::new(PoolEntry {
             failures,
             metrics: PoolMetrics::new(&label),
@@ -398,6 +425,7 @@ impl PoolRegistry {
             user: user.to_string(),
             capacity: s.size,
             params,
+            manager,
         });
         self.pools.lock().entry(key).or_insert(entry).clone()
     }

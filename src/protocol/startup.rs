@@ -9,8 +9,16 @@ use tokio::io::{AsyncRead, AsyncReadExt};
 pub enum StartupPacket {
     SslRequest,
     GssEncRequest,
-    Cancel { pid: i32, secret: i32 },
-    Startup { params: Vec<(String, String)> },
+    Cancel {
+        pid: i32,
+        secret: i32,
+    },
+    Startup {
+        params: Vec<(String, String)>,
+    },
+    /// A Terminate message ('X', length 4) where a startup packet belongs: the client gave
+    /// up before starting; PostgreSQL closes without a word.
+    Terminate,
 }
 
 impl StartupPacket {
@@ -82,7 +90,16 @@ pub fn take_cstr(buf: &[u8]) -> Result<(&str, &[u8]), ProtocolError> {
 
 /// Reads one startup-phase packet (length-prefixed, no type byte).
 pub async fn read_startup<R: AsyncRead + Unpin>(r: &mut R) -> Result<StartupPacket, ProtocolError> {
-    let len = r.read_i32().await?;
+    let mut word = [0u8; 4];
+    r.read_exact(&mut word).await?;
+    let len = i32::from_be_bytes(word);
+    if word == [b'X', 0, 0, 0] {
+        // A Terminate's length word ends in the byte after its tag.
+        if r.read_u8().await? == 4 {
+            return Ok(StartupPacket::Terminate);
+        }
+        return Err(ProtocolError::BadLength(len as i64));
+    }
     if !(8..=MAX_STARTUP_LEN as i32).contains(&len) {
         return Err(ProtocolError::BadLength(len as i64));
     }
@@ -147,6 +164,20 @@ mod tests {
         let mut c = CANCEL_REQUEST_CODE.to_be_bytes().to_vec();
         c.extend_from_slice(&[0; 7]);
         assert!(StartupPacket::parse(&c).is_err());
+    }
+
+    #[tokio::test]
+    async fn terminate_instead_of_startup() {
+        let mut t: &[u8] = &[b'X', 0, 0, 0, 4];
+        assert_eq!(
+            read_startup(&mut t).await.unwrap(),
+            StartupPacket::Terminate
+        );
+        let mut other: &[u8] = &[b'X', 0, 0, 0, 5];
+        assert!(matches!(
+            read_startup(&mut other).await,
+            Err(ProtocolError::BadLength(_))
+        ));
     }
 
     #[tokio::test]

@@ -148,11 +148,15 @@ impl Session {
             None => Box::pin(params::resolve(None, &self.info.params)).await?,
         };
         self.start_params(&canonical, &params);
+        if self.cfg.pool_mode == PoolMode::Session {
+            Box::pin(self.session_login(&canonical)).await?;
+        }
         let mut b = BytesMut::with_capacity(512);
         protocol::auth_ok(&mut b);
         for (k, v) in &params {
             let v = match k.as_str() {
-                "application_name" => self.info.application_name.as_deref().unwrap_or(""),
+                // Without one of the client's, the server's default (as direct).
+                "application_name" => self.info.application_name.as_deref().unwrap_or(v),
                 _ => self.st.params.startup_value(k).unwrap_or(v.as_str()),
             };
             protocol::parameter_status(&mut b, k, v);
@@ -362,7 +366,7 @@ async fn sleep_opt(d: Option<Duration>) {
     }
 }
 
-fn pool_refusal(e: PoolError) -> Refusal {
+pub(in crate::session) fn pool_refusal(e: PoolError) -> Refusal {
     match e.server_error() {
         Some((code, msg)) => Refusal(static_code(code), msg.to_string()),
         None => Refusal("08006", format!("pgsluice: upstream unavailable: {e}")),

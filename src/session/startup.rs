@@ -44,12 +44,11 @@ pub async fn open(
     for _ in 0..4 {
         let packet = match timeout_at(deadline, protocol::read_startup(&mut client)).await {
             Ok(Ok(p)) => p,
+            Ok(Err(e)) if e.is_eof() => return None,
             Ok(Err(e)) => {
-                if !e.is_eof() {
-                    let Refusal(code, msg) = e.into();
-                    debug!(code, %msg, "startup refused");
-                    send_fatal(&mut client, code, &msg).await;
-                }
+                let Refusal(code, msg) = e.into();
+                debug!(code, %msg, "startup refused");
+                send_fatal(&mut client, code, &msg).await;
                 return None;
             }
             Err(_) => {
@@ -92,6 +91,10 @@ pub async fn open(
                 if client.write_all(b"N").await.is_err() {
                     return None;
                 }
+            }
+            StartupPacket::Terminate => {
+                debug!("Terminate before startup; closing");
+                return None;
             }
             StartupPacket::Cancel { pid, secret } => {
                 // Plaintext cancels are accepted even when TLS is required, as PostgreSQL

@@ -6,11 +6,13 @@ pub mod pg;
 pub mod process;
 pub mod proxy;
 pub mod raw;
+pub mod raw_simple;
 pub mod shim;
 
 pub use pg::{connect, try_connect, HostAuth, TempPostgres};
 pub use process::ProxyProcess;
 pub use proxy::TestProxy;
+pub use raw_simple::{PgError, Raw};
 pub use shim::{FaultShim, Mode};
 
 /// Lifts the soft open-file limit to the hard limit: hundreds of concurrent clients plus the

@@ -104,21 +104,22 @@ fn static_code(code: &str) -> &'static str {
     }
 }
 
-/// Values and connection defaults of every tracked parameter on an idle server; `None`
-/// where a parameter is at its default.
+/// The tracked parameters an idle server has SET (`None`: at its reset value). A SET to
+/// the value the server would reset to still counts as set: only the source tells it from
+/// a RESET, and after a RESET the client's startup value applies instead.
 pub async fn read_back<S: AsyncRead + AsyncWrite + Unpin>(stream: &mut S) -> io::Result<ParamSet> {
     let rows = simple_rows(stream, &sql::read_back_sql())
         .await?
         .map_err(|f| io::Error::other(format!("{}: {}", f.code, f.message)))?;
     let mut set = ParamSet::default();
     for row in rows {
-        let [Some(name), setting, reset] = &row[..] else {
+        let [Some(name), setting, source] = &row[..] else {
             continue;
         };
         if let Some(i) = super::index(name) {
             set.set(
                 i,
-                (setting != reset).then_some(setting.as_deref().unwrap_or("")),
+                (source.as_deref() == Some("session")).then_some(setting.as_deref().unwrap_or("")),
             );
         }
     }
@@ -187,6 +188,17 @@ fn data_row(body: &[u8]) -> io::Result<Vec<Option<String>>> {
     Ok(out)
 }
 
+/// The startup parameters a session-mode login sends beyond the pool's usual ones: all of
+/// the client's, except the `client_encoding` every login sends anyway.
+fn login_key(canonical: &[(usize, String)]) -> ParamSet {
+    let mut key = ParamSet::default();
+    for (i, v) in canonical {
+        let usual = TRACKED[*i] == "client_encoding" && v == "UTF8";
+        key.set(*i, (!usual).then_some(v.as_str()));
+    }
+    key
+}
+
 /// Puts a whole batch (a simple Query) ahead of all unsent client bytes, on a server with
 /// nothing in flight. False when that is not the case.
 fn inject_front(st: &mut RelayState, msg: &[u8]) -> bool {
@@ -224,6 +236,47 @@ impl Session {
         }
     }
 
+    /// Session pooling: the client's server must have logged in with the client's startup
+    /// parameters, so that they are the backend's reset values as for a direct client
+    /// (`RESET`, `RESET ALL`, `DISCARD ALL`, `reset_val` return to them). A pooled
+    /// connection that logged in with other ones is replaced, in its pool slot, by a fresh
+    /// login; clients with the same startup parameters reuse each other's connections.
+    pub(in crate::session) async fn session_login(
+        &mut self,
+        canonical: &[(usize, String)],
+    ) -> Result<(), Refusal> {
+        let Some(server) = self.server.as_mut() else {
+            return Ok(());
+        };
+        let key = Some(login_key(canonical))
+            .filter(|k| *k != ParamSet::default())
+            .map(Box::new);
+        if server.login != key {
+            let pairs: Vec<(&str, &str)> = key
+                .iter()
+                .flat_map(|k| (0..TRACKED.len()).filter_map(|i| k.get(i).map(|v| (TRACKED[i], v))))
+                .collect();
+            let fresh = self
+                .pool
+                .connect_with(&pairs)
+                .await
+                .map_err(crate::session::pool_refusal)?;
+            let mut old = std::mem::replace(&mut **server, fresh);
+            server.login = key;
+            debug!(identity = %self.identity, old = old.pid, new = server.pid, "server connection logged in with the client's startup parameters");
+            let mut b = BytesMut::with_capacity(5);
+            protocol::terminate(&mut b);
+            let bye = async {
+                old.stream.write_all(&b).await?;
+                old.stream.flush().await
+            };
+            let _ = tokio::time::timeout(Duration::from_secs(1), bye).await;
+        }
+        // The backend is in the client's state already: nothing to replay.
+        server.params = self.st.params.current.clone();
+        Ok(())
+    }
+
     /// Before a batch runs outside a transaction: if the server's recorded state differs
     /// from the client's, pipeline one query ahead of the batch that changes exactly the
     /// differing parameters; its answers are removed from the stream.
@@ -231,6 +284,11 @@ impl Session {
         let Some(server) = self.server.as_mut() else {
             return;
         };
+        // Logged in with a session-mode client's parameters (before a reload switched to
+        // transaction mode): its reset values are not the pool's, so it is not kept.
+        if server.login.is_some() && self.st.params.mode == Mode::Transaction {
+            server.broken = true;
+        }
         if self.st.status != b'I' || self.st.params.current == server.params {
             return;
         }
@@ -274,6 +332,23 @@ impl Session {
                 self.st.params.forget_dirty();
                 server.broken = true;
             }
+        }
+        // After a RESET the server reported its own default, but the client's value is its
+        // startup value again (applied before its next batch). The client has everything
+        // up to ReadyForQuery, and ParameterStatus may come at any time.
+        let reported = self.pool.server_params();
+        let mut b = BytesMut::new();
+        for (i, v) in self.st.params.take_announce() {
+            if reported
+                .iter()
+                .any(|(k, _)| k.eq_ignore_ascii_case(TRACKED[i]))
+            {
+                protocol::parameter_status(&mut b, TRACKED[i], v);
+            }
+        }
+        if !b.is_empty() {
+            // A client gone meanwhile is noticed at its next read.
+            let _ = crate::session::startup::send(&mut self.client, &b).await;
         }
     }
 }

@@ -94,15 +94,16 @@ pub struct Tracker {
     /// A statement that may change a parameter ran: read values back when the
     /// transaction is over.
     dirty: bool,
-    /// That statement may have been a RESET (or DISCARD): startup values count again.
-    reset_seen: bool,
     /// ParameterStatus changed `current` since the server was last settled.
     changed: bool,
     /// ReadyForQuery messages still owed for injected queries; everything up to and
     /// including them is removed from the stream.
-    strip: u32,
+    strip: u16,
     /// An injected query failed.
     sync_failed: bool,
+    /// Parameters that returned to their startup value after a RESET (bit per position):
+    /// the server told the client its own default, so the proxy tells it the value again.
+    announce: u16,
     /// Client statement names whose text may change a setting (extended protocol).
     set_stmts: Vec<(Vec<u8>, Hit)>,
 }
@@ -132,8 +133,7 @@ impl Tracker {
             return;
         }
         let Some(body) = body.or_else(|| whole.map(|w| &w[5.min(w.len())..])) else {
-            // A large message spread over several reads: read values back to be sure
-            // (not counted as a RESET, which would bring startup values back).
+            // A large message spread over several reads: read values back to be sure.
             self.mark(Hit::Set);
             return;
         };
@@ -165,14 +165,7 @@ impl Tracker {
     }
 
     fn mark(&mut self, hit: Hit) {
-        match hit {
-            Hit::None => {}
-            Hit::Set => self.dirty = true,
-            Hit::Reset => {
-                self.dirty = true;
-                self.reset_seen = true;
-            }
-        }
+        self.dirty |= hit != Hit::None;
     }
 
     /// A ParameterStatus from the server during the client's batches.
@@ -199,7 +192,7 @@ impl Tracker {
 
     /// An injected query is on its way to the server.
     pub fn injected(&mut self) {
-        self.strip += 1;
+        self.strip = self.strip.saturating_add(1);
     }
 
     /// A message answering an injected query, to be removed: keeps the relay's batch
@@ -258,28 +251,35 @@ impl Tracker {
         std::mem::take(&mut self.changed).then(|| self.current.clone())
     }
 
-    /// Takes the values read back from the server (`None` where it is at its default) and
-    /// returns them as the server's recorded state. After a RESET, a parameter found at
-    /// the server default returns to the client's startup value, as RESET does in
-    /// PostgreSQL; the next batch then applies it.
+    /// Takes the values read back from the server (`None` where nothing is SET, see
+    /// `read_back`) and returns them as the server's recorded state. A parameter not SET
+    /// there was RESET (or SET TO DEFAULT) by the client, since every batch starts with the
+    /// client's values applied: it returns to the client's startup value, as in
+    /// PostgreSQL, which the next batch then applies.
     pub fn apply_read_back(&mut self, actual: ParamSet) -> ParamSet {
         for i in 0..TRACKED.len() {
-            let v = match (actual.get(i), self.startup.get(i)) {
-                (None, Some(s)) if self.reset_seen => Some(s),
-                (a, _) => a,
-            };
-            self.current.set(i, v);
+            let back = actual.get(i).is_none() && self.startup.get(i).is_some();
+            if back && self.current.get(i) != self.startup.get(i) {
+                self.announce |= 1 << i;
+            }
+            self.current.set(i, actual.get(i).or(self.startup.get(i)));
         }
         self.dirty = false;
-        self.reset_seen = false;
         self.changed = false;
         actual
+    }
+
+    /// Parameters back at their startup value since the client was last told otherwise.
+    pub fn take_announce(&mut self) -> impl Iterator<Item = (usize, &str)> {
+        let a = std::mem::take(&mut self.announce);
+        (0..TRACKED.len())
+            .filter(move |i| a & (1 << i) != 0)
+            .filter_map(|i| self.current.get(i).map(|v| (i, v)))
     }
 
     /// A read-back failed: keep the best guess, stop asking.
     pub fn forget_dirty(&mut self) {
         self.dirty = false;
-        self.reset_seen = false;
         self.changed = false;
     }
 }
@@ -369,7 +369,9 @@ mod tests {
         let mut start = ParamSet::default();
         let tz = index("TimeZone").unwrap();
         let sp = index("search_path").unwrap();
+        let is = index("IntervalStyle").unwrap();
         start.set(tz, Some("Asia/Tokyo"));
+        start.set(is, Some("iso_8601"));
         let mut t = Tracker::new(Mode::Transaction, start);
         t.on_client_msg(b'Q', Some(b"RESET ALL\0"), None);
         let mut actual = ParamSet::default();
@@ -378,10 +380,18 @@ mod tests {
         assert_eq!(server, actual);
         assert_eq!(t.current.get(tz), Some("Asia/Tokyo"));
         assert_eq!(t.current.get(sp), Some("x"));
-        // Without a RESET, a value at the server default stays there.
+        // SET TO DEFAULT is a RESET in PostgreSQL: back to the startup value.
         t.on_client_msg(b'Q', Some(b"SET TimeZone = DEFAULT\0"), None);
         t.apply_read_back(ParamSet::default());
-        assert_eq!(t.current.get(tz), None);
+        assert_eq!(t.current.get(tz), Some("Asia/Tokyo"));
+        // A SET to the server's default value is still a SET, whatever is RESET later.
+        t.on_client_msg(b'Q', Some(b"SET IntervalStyle = postgres\0"), None);
+        let mut actual = ParamSet::default();
+        actual.set(is, Some("postgres"));
+        t.apply_read_back(actual.clone());
+        t.on_client_msg(b'Q', Some(b"RESET enable_seqscan\0"), None);
+        t.apply_read_back(actual);
+        assert_eq!(t.current.get(is), Some("postgres"));
     }
 
     #[test]

@@ -9,7 +9,8 @@ pub enum Hit {
     None,
     /// `SET ...`, `set_config(...)`: read values back after the transaction.
     Set,
-    /// `RESET ...`, `DISCARD ...`: also lets startup values count again.
+    /// `RESET ...`, `DISCARD ...`: read back as well (a parameter the server no longer has
+    /// SET returns to the client's startup value).
     Reset,
 }
 
@@ -144,11 +145,13 @@ pub fn validate_sql(pairs: &[(usize, &str)]) -> String {
     out
 }
 
-/// Every tracked parameter's value and its connection default. Names are schema-qualified:
-/// the client's own search_path is in force.
+/// Every tracked parameter's value and where it comes from: `source` is `session` exactly
+/// when a SET (or set_config) is in force, even one to the default value; after RESET or
+/// SET ... TO DEFAULT it is the reset value's source again. Names are schema-qualified: the
+/// client's own search_path is in force.
 pub fn read_back_sql() -> String {
     let mut out = String::from(
-        "SELECT name, setting, reset_val FROM pg_catalog.pg_settings \
+        "SELECT name, setting, source FROM pg_catalog.pg_settings \
          WHERE pg_catalog.lower(name) OPERATOR(pg_catalog.=) ANY (ARRAY[",
     );
     for (n, t) in TRACKED.iter().enumerate() {
