@@ -10,6 +10,9 @@ use rand::Rng;
 use super::model::{payload, Batch, Model, Plan};
 use super::script::{text_row, Exp, Script};
 
+/// The large row's state before its first write.
+pub const NO_BIG: (i64, usize) = (0, 0);
+
 const COPY_SQL: &str = "COPY public.diff_copy(client, batch, n) FROM STDIN";
 
 fn copy_lines(c: u32, b: u32, rows: i64) -> Vec<u8> {
@@ -72,13 +75,13 @@ pub fn copy_in(m: &mut Model, rng: &mut StdRng) -> Plan {
             o.bind("", "", &[]);
             o.execute("", 0);
             o.sync();
-            o.readys = 0;
             s.exp(Exp::ParseComplete);
             s.exp(Exp::BindComplete);
             s.exp(Exp::CopyIn);
             copy_chunks(&mut s, rng, &data);
             s.out().copy_done();
             s.out().sync();
+            s.out().readys = 0;
             s.commit_point();
             s.exp(Exp::Complete(format!("COPY {rows}")));
             s.exp(Exp::Ready(b'I'));
@@ -199,7 +202,7 @@ pub fn big(m: &mut Model, rng: &mut StdRng) -> Plan {
             p.big_after = Some((seq, len));
             p
         }
-        6..=7 if !m.big.is_empty() => {
+        6..=7 if !m.big.is_empty() && !m.big.contains(&NO_BIG) => {
             s.out().query(&read);
             s.exp(Exp::RowDesc(2));
             let rows = m

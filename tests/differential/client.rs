@@ -64,19 +64,18 @@ pub struct Tally {
     pub correct: u64,
     pub refused: BTreeMap<String, u64>,
     pub failures: BTreeMap<String, u64>,
-    pub details: Vec<String>,
+    /// The first failure of each kind, with the client's transcript.
+    pub details: BTreeMap<String, String>,
     pub per_op: BTreeMap<&'static str, [u64; 3]>,
     pub connects: u64,
 }
 
 impl Tally {
     fn fail(&mut self, sh: &Shared, cid: u32, op: &str, kind: Fail, detail: &str, log: &str) {
-        *self
-            .failures
-            .entry(format!("{} ({op})", kind.label()))
-            .or_default() += 1;
-        if self.details.len() < 3 {
-            self.details.push(format!(
+        let key = format!("{} ({op})", kind.label());
+        *self.failures.entry(key.clone()).or_default() += 1;
+        if !self.details.contains_key(&key) {
+            self.details.insert(key, format!(
                 "client {cid}, op #{} {op}: {}: {detail}\n  seed {} (PGSLUICE_DIFF_SEED={})\n  last messages of client {cid}:\n{log}",
                 self.ops,
                 kind.label(),
@@ -158,6 +157,8 @@ pub async fn run(sh: Arc<Shared>, cid: u32) -> (Model, Tally) {
                 uncertain(&mut m, &plan, run.commit_sent);
                 keep = !closed && plan.script.pure;
                 must_verify = plan.rows_after.is_some();
+                // As an application would: a refused request is retried after a pause.
+                tokio::time::sleep(Duration::from_millis(25)).await;
             }
             Outcome::Failed { kind, detail } => {
                 slot[2] += 1;
@@ -317,6 +318,9 @@ fn uncertain(m: &mut Model, p: &Plan, commit_sent: bool) {
         m.copies.insert(b, Batch { certain: false, ..batch });
     }
     if let Some(big) = p.big_after {
+        if m.big.is_empty() {
+            m.big.push(bulk::NO_BIG);
+        }
         if !m.big.contains(&big) {
             m.big.push(big);
         }

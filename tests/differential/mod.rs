@@ -6,6 +6,7 @@
 
 pub mod bulk;
 pub mod client;
+pub mod configs;
 pub mod faults;
 pub mod model;
 pub mod ops;

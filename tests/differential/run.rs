@@ -164,7 +164,7 @@ impl Report {
             .map(|(k, [ok, refused, failed])| format!("{k} {ok}/{refused}/{failed}"))
             .collect();
         out.push_str(&format!("  per op (correct/refused/failed): {}\n", per_op.join(", ")));
-        for d in &self.tally.details {
+        for d in self.tally.details.values() {
             out.push_str(&format!("FAILURE [{}] {d}\n", self.name));
         }
         out
@@ -187,8 +187,9 @@ fn merge(into: &mut Tally, t: Tally) {
             e[i] += v[i];
         }
     }
-    let room = 8usize.saturating_sub(into.details.len());
-    into.details.extend(t.details.into_iter().take(room));
+    for (k, d) in t.details {
+        into.details.entry(k).or_insert(d);
+    }
 }
 
 async fn setup(pg: &TempPostgres, clients: usize) -> BTreeMap<&'static str, String> {
@@ -253,19 +254,21 @@ async fn final_check(pg: &TempPostgres, models: &[Model], tally: &mut Tally, see
         }
         if !m.big.is_empty() {
             let r = db
-                .query_one("SELECT seq, length(payload)::int8 FROM diff_big WHERE client = $1", &[&c])
+                .query_opt("SELECT seq, length(payload)::int8 FROM diff_big WHERE client = $1", &[&c])
                 .await
                 .expect("read big row");
-            let got = (r.get::<_, i64>(0), r.get::<_, i64>(1) as usize);
+            let got = r.map_or(super::bulk::NO_BIG, |r| (r.get::<_, i64>(0), r.get::<_, i64>(1) as usize));
             if !m.big.contains(&got) {
                 bad.push(format!("client {c}: large row {got:?}, expected one of {:?}", m.big));
             }
         }
     }
     for b in bad {
-        *tally.failures.entry(Fail::Atomicity.label().to_string() + " (final check)").or_default() += 1;
-        if tally.details.len() < 8 {
-            tally.details.push(format!("final check, seed {seed}: {b}"));
+        let key = Fail::Atomicity.label().to_string() + " (final check)";
+        *tally.failures.entry(key.clone()).or_default() += 1;
+        let d = tally.details.entry(key).or_default();
+        if d.lines().count() < 5 {
+            d.push_str(&format!("final check, seed {seed}: {b}\n"));
         }
     }
 }
@@ -300,7 +303,9 @@ async fn leak_check(pg: &TempPostgres, proxy: Option<&ProxyProcess>, tally: &mut
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     *tally.failures.entry(Fail::Leak.label().into()).or_default() += 1;
-    tally.details.push(format!("10 s after all clients left: {last}"));
+    tally
+        .details
+        .insert(Fail::Leak.label().into(), format!("10 s after all clients left: {last}"));
 }
 
 pub async fn run(cfg: &Config, seed: u64) -> Report {
@@ -367,7 +372,7 @@ pub async fn run(cfg: &Config, seed: u64) -> Report {
     leak_check(&pg, proxy.as_ref(), &mut tally).await;
     if tally.failures.keys().any(|k| k.starts_with("leak")) {
         if let Some(p) = &proxy {
-            tally.details.push(format!("proxy log tail:\n{}", p.log_tail()));
+            tally.details.insert("proxy log".into(), format!("proxy log tail:\n{}", p.log_tail()));
         }
     }
     let setup = match cfg.mode {

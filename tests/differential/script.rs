@@ -262,6 +262,8 @@ pub async fn execute(conn: &mut Conn, s: &Script, p: &Policy) -> Run {
     let mut rows = Vec::new();
     let mut status = conn.status;
     let mut cancels = Vec::new();
+    // An extended-protocol batch is open: after an error the server skips to its Sync.
+    let mut open = false;
     for item in &s.items {
         match item {
             Item::Send { out, commit } => {
@@ -293,6 +295,9 @@ pub async fn execute(conn: &mut Conn, s: &Script, p: &Policy) -> Run {
                 }
                 sent_readys += out.readys;
                 commit_sent |= *commit;
+                if !out.what.iter().all(|w| w.starts_with("Copy")) {
+                    open = out.open;
+                }
             }
             Item::Pause(d) => tokio::time::sleep(*d).await,
             Item::Cancel(d) => {
@@ -347,7 +352,15 @@ pub async fn execute(conn: &mut Conn, s: &Script, p: &Policy) -> Run {
                 }
                 let code = f.code.clone();
                 let fatal = f.severity == "FATAL";
-                let owed = sent_readys.saturating_sub(got_readys);
+                let mut owed = sent_readys.saturating_sub(got_readys);
+                if open && !fatal {
+                    let mut sync = Out::default();
+                    sync.sync();
+                    if let Err(e) = conn.send(&sync.buf, &sync.what, bound).await {
+                        return failed(transport_kind(&e), format!("write: {e}"), commit_sent, rows);
+                    }
+                    owed += 1;
+                }
                 let outcome = drain(conn, s, p, fatal, owed, bound).await;
                 for c in cancels {
                     let _ = c.await;

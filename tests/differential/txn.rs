@@ -263,8 +263,11 @@ pub fn transaction(m: &mut Model, rng: &mut StdRng) -> Plan {
         // An error ends a group that would skip the rest of it, so the model never has to
         // guess which statements were skipped.
         let skips = matches!(g, Grouping::SimpleMulti | Grouping::ExtOneSync);
+        let first = !pending.is_empty();
         let mut group: Vec<(Step, u8)> = std::mem::take(&mut pending);
-        let size = rng.gen_range(1..=3);
+        // BEGIN goes alone when each statement is its own batch: were it refused, the
+        // batches after it in the same write would run outside any transaction.
+        let size = if first && !skips { 1 } else { rng.gen_range(1..=3) };
         while group.len() < size && !tx.done {
             if group.last().is_some_and(|(st, _)| skips && st.fails()) {
                 break;

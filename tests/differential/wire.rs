@@ -409,6 +409,8 @@ pub struct Out {
     pub what: Vec<String>,
     /// ReadyForQuery messages this write will cause.
     pub readys: usize,
+    /// Ends inside an extended-protocol batch (no Sync after its last message).
+    pub open: bool,
 }
 
 impl Out {
@@ -424,6 +426,7 @@ impl Out {
 
     pub fn parse(&mut self, name: &str, sql: &str) {
         frontend::parse(name, sql, std::iter::empty(), &mut self.buf).expect("parse");
+        self.open = true;
         self.what.push(format!("Parse {name:?} {sql:?}"));
     }
 
@@ -445,6 +448,7 @@ impl Out {
             &mut self.buf,
         );
         assert!(r.is_ok(), "bind message");
+        self.open = true;
         let shown: Vec<String> = params
             .iter()
             .map(|p| match p {
@@ -459,21 +463,25 @@ impl Out {
 
     pub fn describe(&mut self, kind: u8, name: &str) {
         frontend::describe(kind, name, &mut self.buf).expect("describe");
+        self.open = true;
         self.what.push(format!("Describe {} {name:?}", kind as char));
     }
 
     pub fn execute(&mut self, portal: &str, max_rows: i32) {
         frontend::execute(portal, max_rows, &mut self.buf).expect("execute");
+        self.open = true;
         self.what.push(format!("Execute {portal:?} {max_rows}"));
     }
 
     pub fn close(&mut self, kind: u8, name: &str) {
         frontend::close(kind, name, &mut self.buf).expect("close");
+        self.open = true;
         self.what.push(format!("Close {} {name:?}", kind as char));
     }
 
     pub fn sync(&mut self) {
         frontend::sync(&mut self.buf);
+        self.open = false;
         self.what.push("Sync".into());
         self.readys += 1;
     }
