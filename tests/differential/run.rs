@@ -41,6 +41,8 @@ pub struct Config {
     pub faults: Faults,
     /// Reconnect after between this many operations.
     pub churn: Option<(u32, u32)>,
+    /// Brief operations only; then any 53400 is a failure.
+    pub short: bool,
     pub secs: f64,
 }
 
@@ -57,6 +59,7 @@ impl Config {
             flags: Vec::new(),
             faults: Faults::default(),
             churn: None,
+            short: false,
             secs: secs_from_env(12.0),
         }
     }
@@ -310,7 +313,12 @@ async fn leak_check(pg: &TempPostgres, proxy: Option<&ProxyProcess>, tally: &mut
 
 pub async fn run(cfg: &Config, seed: u64) -> Report {
     common::raise_fd_limit();
-    let pg = Arc::new(common::cluster().await);
+    // Commits must survive an immediate stop or kill -9 (the harness's default does not wait
+    // for the WAL write), or the oracle would see committed rows vanish.
+    let pg = tokio::task::spawn_blocking(|| TempPostgres::builder().setting("synchronous_commit", "on").spawn())
+        .await
+        .expect("start cluster");
+    let pg = Arc::new(pg);
     let defaults = Arc::new(setup(&pg, cfg.clients).await);
     let flags = cfg.proxy_flags();
     let proxy = match cfg.mode {
@@ -334,6 +342,7 @@ pub async fn run(cfg: &Config, seed: u64) -> Report {
         per_op_exposure: cfg.mode == Mode::Transaction,
         cancels: cfg.faults.cancel,
         kills: cfg.faults.kill,
+        short: cfg.short,
         churn: cfg.churn,
     });
     let mut fault_tasks = Vec::new();
@@ -383,6 +392,7 @@ pub async fn run(cfg: &Config, seed: u64) -> Report {
     let setup = format!(
         "{setup}; faults: {}",
         [
+            ("brief operations only, 53400 is a failure", cfg.short),
             ("cancels", faults.cancel),
             ("client kills", faults.kill),
             ("pg_terminate_backend", faults.terminate),

@@ -179,6 +179,7 @@ pub enum Fail {
     Stall,
     ClosedWithoutError,
     ShedInsideTransaction,
+    ShedWithoutOverload,
     Transport,
     Leak,
     Atomicity,
@@ -192,6 +193,7 @@ impl Fail {
             Fail::Stall => "stall",
             Fail::ClosedWithoutError => "closed without error",
             Fail::ShedInsideTransaction => "53400 inside a transaction",
+            Fail::ShedWithoutOverload => "53400 without overload",
             Fail::Transport => "transport error",
             Fail::Leak => "leak after run",
             Fail::Atomicity => "atomicity",
@@ -221,6 +223,9 @@ pub struct Policy {
     /// Since when a fault could have hit the server work of this client: the start of the
     /// operation (transaction mode), or of the connection (session mode, direct).
     pub exposed_since: Instant,
+    /// Whether the guard may shed here (a workload that keeps its queue standing); where no
+    /// query runs long, a refusal means the proxy failed to serve a feasible load.
+    pub shed_ok: bool,
 }
 
 impl Policy {
@@ -232,7 +237,10 @@ impl Policy {
             "53400" if in_tx => Err("53400 for a statement of an open transaction: a client \
                  holding a server connection must be able to finish its transaction"
                 .into()),
-            "53400" => Ok(()),
+            "53400" if self.shed_ok => Ok(()),
+            "53400" => Err("53400 although no query runs long enough to make the queue stand: \
+                 the clients' load is feasible"
+                .into()),
             "57P01" | "57P02" | "57P03" | "08006" => {
                 if self.faults.excuses(&f.code, self.exposed_since) {
                     Ok(())
@@ -277,7 +285,7 @@ pub async fn execute(conn: &mut Conn, s: &Script, p: &Policy) -> Run {
                         Some(f) => match p.judge(&f, status != b'I', s.allow) {
                             Ok(()) => Run {
                                 outcome: Outcome::Refused {
-                                    code: f.code,
+                                    code: f.label(),
                                     closed: true,
                                 },
                                 commit_sent,
@@ -315,11 +323,18 @@ pub async fn execute(conn: &mut Conn, s: &Script, p: &Policy) -> Run {
                 }
             }
             Item::Expect(e) => {
-                let m = match conn.recv(bound).await {
-                    Ok(m) => m,
-                    Err(err) => {
-                        let detail = format!("expected {}, got {err}", e.describe());
-                        return failed(transport_kind(&err), detail, commit_sent, rows);
+                let m = loop {
+                    let m = match conn.recv(bound).await {
+                        Ok(m) => m,
+                        Err(err) => {
+                            let detail = format!("expected {}, got {err}", e.describe());
+                            return failed(transport_kind(&err), detail, commit_sent, rows);
+                        }
+                    };
+                    // PostgreSQL warns before an immediate shutdown; the error follows.
+                    match &m {
+                        Msg::Notice(f) if !e.matches(&m) && p.faults.excuses(&f.code, p.exposed_since) => {}
+                        _ => break m,
                     }
                 };
                 if e.matches(&m) {
@@ -338,8 +353,10 @@ pub async fn execute(conn: &mut Conn, s: &Script, p: &Policy) -> Run {
                     return failed(Fail::WrongAnswer, detail, commit_sent, rows);
                 };
                 if let Err(why) = p.judge(f, status != b'I', s.allow) {
-                    let kind = if f.code == "53400" {
+                    let kind = if f.code == "53400" && status != b'I' {
                         Fail::ShedInsideTransaction
+                    } else if f.code == "53400" {
+                        Fail::ShedWithoutOverload
                     } else {
                         Fail::UndocumentedError
                     };
@@ -350,7 +367,7 @@ pub async fn execute(conn: &mut Conn, s: &Script, p: &Policy) -> Run {
                     );
                     return failed(kind, detail, commit_sent, rows);
                 }
-                let code = f.code.clone();
+                let code = f.label();
                 let fatal = f.severity == "FATAL";
                 let mut owed = sent_readys.saturating_sub(got_readys);
                 if open && !fatal {
@@ -410,7 +427,21 @@ async fn drain(
         owed = usize::MAX;
     }
     while owed > 0 {
-        match conn.recv(bound).await {
+        // PostgreSQL closes right after a FATAL error.
+        let wait = if owed == usize::MAX { Duration::from_secs(2) } else { bound };
+        let m = conn.recv(wait).await;
+        if owed == usize::MAX {
+            if let Ok(m) = &m {
+                return Err((
+                    Fail::UndocumentedError,
+                    format!(
+                        "after a FATAL error the session went on ({}): a client takes FATAL to mean the connection is over",
+                        m.describe()
+                    ),
+                ));
+            }
+        }
+        match m {
             Ok(Msg::Ready(_)) => owed -= 1,
             Ok(Msg::Error(f)) => {
                 let ok = f.code == "25P02"
@@ -428,6 +459,12 @@ async fn drain(
             }
             Ok(_) => {}
             Err(WireErr::Closed) if owed == usize::MAX => return Ok(true),
+            Err(WireErr::Timeout) if owed == usize::MAX => {
+                return Err((
+                    Fail::UndocumentedError,
+                    "a FATAL error, then the connection stayed open".into(),
+                ))
+            }
             Err(e) => {
                 return Err((
                     transport_kind(&e),

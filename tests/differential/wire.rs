@@ -25,6 +25,23 @@ pub struct Fields {
     pub severity: String,
     pub code: String,
     pub message: String,
+    pub hint: String,
+}
+
+impl Fields {
+    /// The SQLSTATE with a short reason, for the refusal tally: the guard's reason from its
+    /// hint ("standing queue"), else the end of the message.
+    pub fn label(&self) -> String {
+        let reason = match (self.hint.rfind('('), self.hint.rfind(')')) {
+            (Some(a), Some(b)) if a < b => &self.hint[a + 1..b],
+            _ => {
+                let m = self.message.trim_start_matches("pgsluice: ");
+                m.rsplit(": ").next().unwrap_or(m)
+            }
+        };
+        let reason: String = reason.chars().take(40).collect();
+        format!("{} {reason}", self.code)
+    }
 }
 
 /// A backend message, decoded as far as the oracle needs.
@@ -336,6 +353,7 @@ fn fields(body: &[u8]) -> Fields {
         severity: String::new(),
         code: String::new(),
         message: String::new(),
+        hint: String::new(),
     };
     let mut rest = Bytes::copy_from_slice(body);
     while let Some(&t) = rest.first() {
@@ -348,6 +366,7 @@ fn fields(body: &[u8]) -> Fields {
             b'S' => f.severity = v,
             b'C' => f.code = v,
             b'M' => f.message = v,
+            b'H' => f.hint = v,
             _ => {}
         }
     }
