@@ -172,6 +172,7 @@ pub async fn run(sh: Arc<Shared>, cid: u32) -> (Model, Tally) {
                 uncertain(&mut m, &plan, run.commit_sent);
                 keep = false;
                 must_verify = true;
+                tokio::time::sleep(Duration::from_millis(50)).await;
             }
             Outcome::Killed => {
                 slot[0] += 1;

@@ -431,7 +431,8 @@ async fn drain(
         let wait = if owed == usize::MAX { Duration::from_secs(2) } else { bound };
         let m = conn.recv(wait).await;
         if owed == usize::MAX {
-            if let Ok(m) = &m {
+            let another_fatal = matches!(&m, Ok(Msg::Error(f)) if f.severity == "FATAL");
+            if let (Ok(m), false) = (&m, another_fatal) {
                 return Err((
                     Fail::UndocumentedError,
                     format!(

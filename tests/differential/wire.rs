@@ -138,7 +138,11 @@ impl Msg {
                     .collect();
                 clip(&format!("DataRow [{}]", parts.join(", ")))
             }
-            Msg::Error(f) => clip(&format!("Error {} {} {}", f.severity, f.code, f.message)),
+            Msg::Error(f) if f.hint.is_empty() => clip(&format!("Error {} {} {}", f.severity, f.code, f.message)),
+            Msg::Error(f) => clip(&format!(
+                "Error {} {} {} (HINT: {})",
+                f.severity, f.code, f.message, f.hint
+            )),
             Msg::Notice(f) => clip(&format!("Notice {} {} {}", f.severity, f.code, f.message)),
             Msg::CopyData(b) => format!("CopyData {}", show_bytes(b)),
             Msg::Ready(s) => format!("Ready {}", *s as char),
