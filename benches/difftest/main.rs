@@ -33,8 +33,20 @@ fn parse() -> Result<Args, String> {
     while let Some(arg) = it.next() {
         let mut value = |name: &str| it.next().ok_or(format!("{name} needs a value"));
         match arg.as_str() {
-            "--secs" => a.secs = Some(value("--secs")?.parse().map_err(|e| format!("--secs: {e}"))?),
-            "--seed" => a.seed = Some(value("--seed")?.parse().map_err(|e| format!("--seed: {e}"))?),
+            "--secs" => {
+                a.secs = Some(
+                    value("--secs")?
+                        .parse()
+                        .map_err(|e| format!("--secs: {e}"))?,
+                )
+            }
+            "--seed" => {
+                a.seed = Some(
+                    value("--seed")?
+                        .parse()
+                        .map_err(|e| format!("--seed: {e}"))?,
+                )
+            }
             "--config" => a.configs.push(value("--config")?),
             "--list" => a.list = true,
             "--allow-failures" => a.allow_failures = true,

@@ -129,7 +129,9 @@ pub fn copy_out(m: &mut Model, rng: &mut StdRng) -> Plan {
             .map(|(k, v)| format!("{k}\t{v}\n"))
             .collect();
         (
-            format!("COPY (SELECT k, v FROM public.diff_rows WHERE client = {c} ORDER BY k) TO STDOUT"),
+            format!(
+                "COPY (SELECT k, v FROM public.diff_rows WHERE client = {c} ORDER BY k) TO STDOUT"
+            ),
             lines,
         )
     } else {
@@ -185,7 +187,11 @@ pub fn big(m: &mut Model, rng: &mut StdRng) -> Plan {
                 "INSERT INTO public.diff_big(client, seq, payload) VALUES ($1, $2, $3) \
                  ON CONFLICT (client) DO UPDATE SET seq = EXCLUDED.seq, payload = EXCLUDED.payload",
             );
-            o.bind("", "", &[Some(cs.as_bytes()), Some(ss.as_bytes()), Some(&data)]);
+            o.bind(
+                "",
+                "",
+                &[Some(cs.as_bytes()), Some(ss.as_bytes()), Some(&data)],
+            );
             o.execute("", 0);
             o.sync();
             s.commit_point();
@@ -208,7 +214,12 @@ pub fn big(m: &mut Model, rng: &mut StdRng) -> Plan {
             let rows = m
                 .big
                 .iter()
-                .map(|&(seq, len)| vec![Some(seq.to_string().into_bytes()), Some(payload(c, seq, len))])
+                .map(|&(seq, len)| {
+                    vec![
+                        Some(seq.to_string().into_bytes()),
+                        Some(payload(c, seq, len)),
+                    ]
+                })
                 .collect();
             s.exp(Exp::RowOneOf(rows));
             s.exp(Exp::Complete("SELECT 1".into()));

@@ -11,8 +11,8 @@ use rand::{Rng, SeedableRng};
 use super::faults::FaultLog;
 use super::model::{Batch, Model, Plan, REPORTED};
 use super::script::{execute, Exp, Fail, Outcome, Policy, Script, STALL};
-use super::wire::{ConnectErr, Conn};
-use super::{bulk, ops, txn};
+use super::wire::{Conn, ConnectErr};
+use super::{bulk, ops, session, txn};
 
 type OpFn = fn(&mut Model, &mut StdRng) -> Plan;
 
@@ -27,8 +27,8 @@ pub const OPS: &[(&str, u32, OpFn)] = &[
     ("syncs", 5, ops::syncs),
     ("flush", 2, ops::flush),
     ("unnamed_split", 5, ops::unnamed_split),
-    ("named", 8, ops::named),
-    ("params", 7, ops::params),
+    ("named", 8, session::named),
+    ("params", 7, session::params),
     ("notice", 3, ops::notice),
     ("copy_in", 4, bulk::copy_in),
     ("copy_out", 3, bulk::copy_out),
@@ -53,9 +53,10 @@ pub struct Shared {
     pub per_op_exposure: bool,
     pub cancels: bool,
     pub kills: bool,
-    /// Only operations that run briefly (no pg_sleep, cancels, kills or MB rows): the
-    /// guard has no reason to shed, so 53400 is a failure.
+    /// Only operations that run briefly (no pg_sleep, cancels, kills or MB rows).
     pub short: bool,
+    /// Whether the guard may refuse with 53400 (outside transactions).
+    pub shed_ok: bool,
     /// Reconnect after this many operations (session-mode churn), if set.
     pub churn: Option<(u32, u32)>,
 }
@@ -138,8 +139,12 @@ pub async fn run(sh: Arc<Shared>, cid: u32) -> (Model, Tally) {
         };
         let policy = Policy {
             faults: sh.faults.clone(),
-            exposed_since: if sh.per_op_exposure { Instant::now() } else { c.opened },
-            shed_ok: !sh.short,
+            exposed_since: if sh.per_op_exposure {
+                Instant::now()
+            } else {
+                c.opened
+            },
+            shed_ok: sh.shed_ok,
         };
         let run = execute(c, &plan.script, &policy).await;
         t.ops += 1;
@@ -203,7 +208,13 @@ pub async fn run(sh: Arc<Shared>, cid: u32) -> (Model, Tally) {
     (m, t)
 }
 
-async fn connect(sh: &Shared, m: &mut Model, rng: &mut StdRng, t: &mut Tally, cid: u32) -> Option<Conn> {
+async fn connect(
+    sh: &Shared,
+    m: &mut Model,
+    rng: &mut StdRng,
+    t: &mut Tally,
+    cid: u32,
+) -> Option<Conn> {
     let params = m.new_session(rng);
     let since = Instant::now();
     t.connects += 1;
@@ -221,7 +232,7 @@ async fn connect(sh: &Shared, m: &mut Model, rng: &mut StdRng, t: &mut Tally, ci
             let policy = Policy {
                 faults: sh.faults.clone(),
                 exposed_since: since,
-                shed_ok: !sh.short,
+                shed_ok: sh.shed_ok,
             };
             match policy.judge(&f, false, &[]) {
                 Ok(()) => *t.refused.entry(f.label()).or_default() += 1,
@@ -312,7 +323,14 @@ fn apply(m: &mut Model, p: &Plan, rows: &[Vec<Option<bytes::Bytes>>]) {
 fn uncertain(m: &mut Model, p: &Plan, commit_sent: bool) {
     if !commit_sent {
         if let Some((b, _)) = p.copy {
-            m.copies.insert(b, Batch { rows: 0, sum: 0, certain: true });
+            m.copies.insert(
+                b,
+                Batch {
+                    rows: 0,
+                    sum: 0,
+                    certain: true,
+                },
+            );
         }
         return;
     }
@@ -322,7 +340,13 @@ fn uncertain(m: &mut Model, p: &Plan, commit_sent: bool) {
         }
     }
     if let Some((b, batch)) = p.copy {
-        m.copies.insert(b, Batch { certain: false, ..batch });
+        m.copies.insert(
+            b,
+            Batch {
+                certain: false,
+                ..batch
+            },
+        );
     }
     if let Some(big) = p.big_after {
         if m.big.is_empty() {

@@ -150,7 +150,8 @@ fn kill9_postmaster(pg: &TempPostgres) {
     }
     let alive = |pid: i32| std::path::Path::new(&format!("/proc/{pid}")).exists();
     let t0 = Instant::now();
-    while (alive(pm) || children.iter().any(|&p| alive(p))) && t0.elapsed() < Duration::from_secs(5) {
+    while (alive(pm) || children.iter().any(|&p| alive(p))) && t0.elapsed() < Duration::from_secs(5)
+    {
         std::thread::sleep(Duration::from_millis(20));
     }
     for &p in children.iter().filter(|&&p| alive(p)) {

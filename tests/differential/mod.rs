@@ -12,7 +12,8 @@ pub mod model;
 pub mod ops;
 pub mod run;
 pub mod script;
+pub mod session;
 pub mod txn;
 pub mod wire;
 
-pub use run::{check, run, seed_from_env, secs_from_env, Config, Faults, Mode, Report};
+pub use run::{check, run, secs_from_env, seed_from_env, Config, Faults, Mode, Report};

@@ -20,7 +20,13 @@ pub const K: usize = 4;
 pub const PARAMS: &[(&str, &[&str])] = &[
     (
         "DateStyle",
-        &["ISO, MDY", "ISO, DMY", "SQL, DMY", "Postgres, MDY", "German, DMY"],
+        &[
+            "ISO, MDY",
+            "ISO, DMY",
+            "SQL, DMY",
+            "Postgres, MDY",
+            "German, DMY",
+        ],
     ),
     (
         "IntervalStyle",
@@ -30,7 +36,10 @@ pub const PARAMS: &[(&str, &[&str])] = &[
         "TimeZone",
         &["UTC", "Europe/Berlin", "America/New_York", "Asia/Tokyo"],
     ),
-    ("search_path", &["public", "public, pg_catalog", "\"$user\", public"]),
+    (
+        "search_path",
+        &["public", "public, pg_catalog", "\"$user\", public"],
+    ),
     ("application_name", &[]),
     ("statement_timeout", &["0", "30s", "1h"]),
     ("extra_float_digits", &["1", "0", "2", "-1"]),
@@ -76,6 +85,9 @@ pub struct Model {
     pub names: u64,
 }
 
+/// A session's prepared statements (name to version) and parameter values.
+pub type Session = (BTreeMap<String, u32>, BTreeMap<&'static str, String>);
+
 /// A script and what it does to the model if it completes, or may have done if its commit
 /// point was sent but no answer came.
 pub struct Plan {
@@ -84,7 +96,7 @@ pub struct Plan {
     pub copy: Option<(u32, Batch)>,
     pub big_after: Option<(i64, usize)>,
     /// The session's prepared statements and parameters after success.
-    pub session_after: Option<(BTreeMap<String, u32>, BTreeMap<&'static str, String>)>,
+    pub session_after: Option<Session>,
     /// Resolves `rows`/`alts` from the first matched DataRow (a verify).
     pub resolves_rows: bool,
     pub resolves_big: bool,
@@ -197,7 +209,10 @@ impl Model {
 }
 
 pub fn rows_text(r: &[i64]) -> String {
-    r.iter().map(|v| v.to_string()).collect::<Vec<_>>().join(",")
+    r.iter()
+        .map(|v| v.to_string())
+        .collect::<Vec<_>>()
+        .join(",")
 }
 
 /// The large row's payload for (client, seq, length): reproducible, and different for every

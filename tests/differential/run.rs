@@ -41,13 +41,20 @@ pub struct Config {
     pub faults: Faults,
     /// Reconnect after between this many operations.
     pub churn: Option<(u32, u32)>,
-    /// Brief operations only; then any 53400 is a failure.
+    /// Brief operations only (no pg_sleep, cancels, kills, MB rows).
     pub short: bool,
+    /// The load is one the proxy must serve: any 53400 is a failure.
+    pub shed_fails: bool,
     pub secs: f64,
 }
 
 impl Config {
-    pub fn new(name: &'static str, mode: Mode, pool: Option<usize>, max_active: Option<usize>) -> Config {
+    pub fn new(
+        name: &'static str,
+        mode: Mode,
+        pool: Option<usize>,
+        max_active: Option<usize>,
+    ) -> Config {
         // Default: four clients per server connection (the proxy's default pool is 20).
         let clients = 4 * pool.unwrap_or(20);
         Config {
@@ -60,6 +67,7 @@ impl Config {
             faults: Faults::default(),
             churn: None,
             short: false,
+            shed_fails: false,
             secs: secs_from_env(12.0),
         }
     }
@@ -127,8 +135,18 @@ impl Report {
     }
 
     pub fn row(&self) -> String {
-        let codes: Vec<String> = self.tally.refused.iter().map(|(k, v)| format!("{k}:{v}")).collect();
-        let fails: Vec<String> = self.tally.failures.iter().map(|(k, v)| format!("{k}: {v}")).collect();
+        let codes: Vec<String> = self
+            .tally
+            .refused
+            .iter()
+            .map(|(k, v)| format!("{k}:{v}"))
+            .collect();
+        let fails: Vec<String> = self
+            .tally
+            .failures
+            .iter()
+            .map(|(k, v)| format!("{k}: {v}"))
+            .collect();
         let mut r = format!(
             "{:<28} {:>7} {:>8} {:>8} {:>8}  {}",
             self.name,
@@ -136,7 +154,11 @@ impl Report {
             self.tally.correct,
             self.refused(),
             self.failures(),
-            if codes.is_empty() { "-".into() } else { codes.join(" ") }
+            if codes.is_empty() {
+                "-".into()
+            } else {
+                codes.join(" ")
+            }
         );
         if !fails.is_empty() {
             r.push_str(&format!(" / {}", fails.join(", ")));
@@ -166,7 +188,10 @@ impl Report {
             .iter()
             .map(|(k, [ok, refused, failed])| format!("{k} {ok}/{refused}/{failed}"))
             .collect();
-        out.push_str(&format!("  per op (correct/refused/failed): {}\n", per_op.join(", ")));
+        out.push_str(&format!(
+            "  per op (correct/refused/failed): {}\n",
+            per_op.join(", ")
+        ));
         for d in self.tally.details.values() {
             out.push_str(&format!("FAILURE [{}] {d}\n", self.name));
         }
@@ -209,7 +234,10 @@ async fn setup(pg: &TempPostgres, clients: usize) -> BTreeMap<&'static str, Stri
     .expect("create the tester's tables");
     let mut defaults = BTreeMap::new();
     for (name, _) in PARAMS {
-        let rows = db.simple_query(&format!("SHOW {name}")).await.expect("SHOW");
+        let rows = db
+            .simple_query(&format!("SHOW {name}"))
+            .await
+            .expect("SHOW");
         let v = rows.iter().find_map(|m| match m {
             tokio_postgres::SimpleQueryMessage::Row(r) => r.get(0).map(str::to_string),
             _ => None,
@@ -228,12 +256,18 @@ async fn final_check(pg: &TempPostgres, models: &[Model], tally: &mut Tally, see
     for m in models {
         let c = m.cid as i32;
         let row = db
-            .query_one("SELECT string_agg(v::text, ',' ORDER BY k) FROM diff_rows WHERE client = $1", &[&c])
+            .query_one(
+                "SELECT string_agg(v::text, ',' ORDER BY k) FROM diff_rows WHERE client = $1",
+                &[&c],
+            )
             .await
             .expect("read rows");
         let got: String = row.get(0);
         if !m.row_states().contains(&got) {
-            bad.push(format!("client {c}: rows {got}, expected one of {:?}", m.row_states()));
+            bad.push(format!(
+                "client {c}: rows {got}, expected one of {:?}",
+                m.row_states()
+            ));
         }
         let rows = db
             .query(
@@ -242,27 +276,42 @@ async fn final_check(pg: &TempPostgres, models: &[Model], tally: &mut Tally, see
             )
             .await
             .expect("read copies");
-        let seen: BTreeMap<i32, (i64, i64)> = rows.iter().map(|r| (r.get(0), (r.get(1), r.get(2)))).collect();
+        let seen: BTreeMap<i32, (i64, i64)> = rows
+            .iter()
+            .map(|r| (r.get(0), (r.get(1), r.get(2))))
+            .collect();
         for (b, batch) in &m.copies {
             let got = seen.get(&(*b as i32)).copied().unwrap_or((0, 0));
             let ok = got == (batch.rows, batch.sum) || (!batch.certain && got == (0, 0));
             if !ok {
-                bad.push(format!("client {c}: COPY batch {b} holds {got:?}, expected {batch:?}"));
+                bad.push(format!(
+                    "client {c}: COPY batch {b} holds {got:?}, expected {batch:?}"
+                ));
             }
         }
         for b in seen.keys() {
             if !m.copies.contains_key(&(*b as u32)) {
-                bad.push(format!("client {c}: COPY batch {b} exists but was never sent"));
+                bad.push(format!(
+                    "client {c}: COPY batch {b} exists but was never sent"
+                ));
             }
         }
         if !m.big.is_empty() {
             let r = db
-                .query_opt("SELECT seq, length(payload)::int8 FROM diff_big WHERE client = $1", &[&c])
+                .query_opt(
+                    "SELECT seq, length(payload)::int8 FROM diff_big WHERE client = $1",
+                    &[&c],
+                )
                 .await
                 .expect("read big row");
-            let got = r.map_or(super::bulk::NO_BIG, |r| (r.get::<_, i64>(0), r.get::<_, i64>(1) as usize));
+            let got = r.map_or(super::bulk::NO_BIG, |r| {
+                (r.get::<_, i64>(0), r.get::<_, i64>(1) as usize)
+            });
             if !m.big.contains(&got) {
-                bad.push(format!("client {c}: large row {got:?}, expected one of {:?}", m.big));
+                bad.push(format!(
+                    "client {c}: large row {got:?}, expected one of {:?}",
+                    m.big
+                ));
             }
         }
     }
@@ -288,7 +337,9 @@ async fn leak_check(pg: &TempPostgres, proxy: Option<&ProxyProcess>, tally: &mut
     loop {
         let rows = db.query(sql, &[]).await.expect("pg_stat_activity");
         let clients = match proxy {
-            Some(p) => p.pools().await["clients"]["total"].as_u64().unwrap_or(u64::MAX),
+            Some(p) => p.pools().await["clients"]["total"]
+                .as_u64()
+                .unwrap_or(u64::MAX),
             None => 0,
         };
         if rows.is_empty() && clients == 0 {
@@ -297,7 +348,12 @@ async fn leak_check(pg: &TempPostgres, proxy: Option<&ProxyProcess>, tally: &mut
         last = format!(
             "proxy clients {clients}; busy backends: {:?}",
             rows.iter()
-                .map(|r| format!("{} {} {}", r.get::<_, i32>(0), r.get::<_, String>(1), r.get::<_, String>(2)))
+                .map(|r| format!(
+                    "{} {} {}",
+                    r.get::<_, i32>(0),
+                    r.get::<_, String>(1),
+                    r.get::<_, String>(2)
+                ))
                 .collect::<Vec<_>>()
         );
         if t0.elapsed() > Duration::from_secs(10) {
@@ -306,18 +362,23 @@ async fn leak_check(pg: &TempPostgres, proxy: Option<&ProxyProcess>, tally: &mut
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     *tally.failures.entry(Fail::Leak.label().into()).or_default() += 1;
-    tally
-        .details
-        .insert(Fail::Leak.label().into(), format!("10 s after all clients left: {last}"));
+    tally.details.insert(
+        Fail::Leak.label().into(),
+        format!("10 s after all clients left: {last}"),
+    );
 }
 
 pub async fn run(cfg: &Config, seed: u64) -> Report {
     common::raise_fd_limit();
     // Commits must survive an immediate stop or kill -9 (the harness's default does not wait
     // for the WAL write), or the oracle would see committed rows vanish.
-    let pg = tokio::task::spawn_blocking(|| TempPostgres::builder().setting("synchronous_commit", "on").spawn())
-        .await
-        .expect("start cluster");
+    let pg = tokio::task::spawn_blocking(|| {
+        TempPostgres::builder()
+            .setting("synchronous_commit", "on")
+            .spawn()
+    })
+    .await
+    .expect("start cluster");
     let pg = Arc::new(pg);
     let defaults = Arc::new(setup(&pg, cfg.clients).await);
     let flags = cfg.proxy_flags();
@@ -343,14 +404,25 @@ pub async fn run(cfg: &Config, seed: u64) -> Report {
         cancels: cfg.faults.cancel,
         kills: cfg.faults.kill,
         short: cfg.short,
+        shed_ok: !cfg.shed_fails,
         churn: cfg.churn,
     });
     let mut fault_tasks = Vec::new();
     if cfg.faults.terminate {
-        fault_tasks.push(tokio::spawn(faults::terminator(pg.clone(), log.clone(), seed, deadline)));
+        fault_tasks.push(tokio::spawn(faults::terminator(
+            pg.clone(),
+            log.clone(),
+            seed,
+            deadline,
+        )));
     }
     if cfg.faults.restart {
-        fault_tasks.push(tokio::spawn(faults::restarter(pg.clone(), log.clone(), seed, deadline)));
+        fault_tasks.push(tokio::spawn(faults::restarter(
+            pg.clone(),
+            log.clone(),
+            seed,
+            deadline,
+        )));
     }
     let handles: Vec<_> = (0..cfg.clients as u32)
         .map(|cid| tokio::spawn(client::run(shared.clone(), cid)))
@@ -369,7 +441,10 @@ pub async fn run(cfg: &Config, seed: u64) -> Report {
             Ok(Err(e)) => panic!("client {cid} panicked: {e}"),
             Err(_) => {
                 abort.abort();
-                *tally.failures.entry("stall (client never finished)".into()).or_default() += 1;
+                *tally
+                    .failures
+                    .entry("stall (client never finished)".into())
+                    .or_default() += 1;
             }
         }
     }
@@ -381,7 +456,10 @@ pub async fn run(cfg: &Config, seed: u64) -> Report {
     leak_check(&pg, proxy.as_ref(), &mut tally).await;
     if tally.failures.keys().any(|k| k.starts_with("leak")) {
         if let Some(p) = &proxy {
-            tally.details.insert("proxy log".into(), format!("proxy log tail:\n{}", p.log_tail()));
+            tally.details.insert(
+                "proxy log".into(),
+                format!("proxy log tail:\n{}", p.log_tail()),
+            );
         }
     }
     let setup = match cfg.mode {
@@ -392,7 +470,8 @@ pub async fn run(cfg: &Config, seed: u64) -> Report {
     let setup = format!(
         "{setup}; faults: {}",
         [
-            ("brief operations only, 53400 is a failure", cfg.short),
+            ("brief operations only", cfg.short),
+            ("53400 is a failure", cfg.shed_fails),
             ("cancels", faults.cancel),
             ("client kills", faults.kill),
             ("pg_terminate_backend", faults.terminate),

@@ -75,8 +75,14 @@ impl Exp {
 
     fn describe(&self) -> String {
         match self {
-            Exp::Row(r) => Msg::Row(r.iter().map(|v| v.clone().map(Bytes::from)).collect()).describe(),
-            Exp::RowOneOf(rs) => format!("one of {} rows, e.g. {}", rs.len(), Exp::Row(rs[0].clone()).describe()),
+            Exp::Row(r) => {
+                Msg::Row(r.iter().map(|v| v.clone().map(Bytes::from)).collect()).describe()
+            }
+            Exp::RowOneOf(rs) => format!(
+                "one of {} rows, e.g. {}",
+                rs.len(),
+                Exp::Row(rs[0].clone()).describe()
+            ),
             Exp::CopyData(b) => Msg::CopyData(Bytes::from(b.clone())).describe(),
             Exp::Ready(s) => format!("Ready {}", *s as char),
             e => format!("{e:?}"),
@@ -86,7 +92,10 @@ impl Exp {
 
 pub enum Item {
     /// One write; `commit` marks the write that may commit the operation's changes.
-    Send { out: Out, commit: bool },
+    Send {
+        out: Out,
+        commit: bool,
+    },
     Expect(Exp),
     Pause(Duration),
     /// A CancelRequest for this connection after the delay, while the script goes on.
@@ -204,8 +213,14 @@ impl Fail {
 pub enum Outcome {
     Correct,
     /// Refused with a documented SQLSTATE; `closed` when the connection ended with it.
-    Refused { code: String, closed: bool },
-    Failed { kind: Fail, detail: String },
+    Refused {
+        code: String,
+        closed: bool,
+    },
+    Failed {
+        kind: Fail,
+        detail: String,
+    },
     Killed,
 }
 
@@ -238,9 +253,11 @@ impl Policy {
                  holding a server connection must be able to finish its transaction"
                 .into()),
             "53400" if self.shed_ok => Ok(()),
-            "53400" => Err("53400 although no query runs long enough to make the queue stand: \
+            "53400" => Err(
+                "53400 although no query runs long enough to make the queue stand: \
                  the clients' load is feasible"
-                .into()),
+                    .into(),
+            ),
             "57P01" | "57P02" | "57P03" | "08006" => {
                 if self.faults.excuses(&f.code, self.exposed_since) {
                     Ok(())
@@ -298,7 +315,9 @@ pub async fn execute(conn: &mut Conn, s: &Script, p: &Policy) -> Run {
                                 rows,
                             ),
                         },
-                        None => failed(transport_kind(&e), format!("write: {e}"), commit_sent, rows),
+                        None => {
+                            failed(transport_kind(&e), format!("write: {e}"), commit_sent, rows)
+                        }
                     };
                 }
                 sent_readys += out.readys;
@@ -333,7 +352,8 @@ pub async fn execute(conn: &mut Conn, s: &Script, p: &Policy) -> Run {
                     };
                     // PostgreSQL warns before an immediate shutdown; the error follows.
                     match &m {
-                        Msg::Notice(f) if !e.matches(&m) && p.faults.excuses(&f.code, p.exposed_since) => {}
+                        Msg::Notice(f)
+                            if !e.matches(&m) && p.faults.excuses(&f.code, p.exposed_since) => {}
                         _ => break m,
                     }
                 };
@@ -360,11 +380,7 @@ pub async fn execute(conn: &mut Conn, s: &Script, p: &Policy) -> Run {
                     } else {
                         Fail::UndocumentedError
                     };
-                    let detail = format!(
-                        "expected {}, got {}: {why}",
-                        e.describe(),
-                        m.describe()
-                    );
+                    let detail = format!("expected {}, got {}: {why}", e.describe(), m.describe());
                     return failed(kind, detail, commit_sent, rows);
                 }
                 let code = f.label();
@@ -374,7 +390,12 @@ pub async fn execute(conn: &mut Conn, s: &Script, p: &Policy) -> Run {
                     let mut sync = Out::default();
                     sync.sync();
                     if let Err(e) = conn.send(&sync.buf, &sync.what, bound).await {
-                        return failed(transport_kind(&e), format!("write: {e}"), commit_sent, rows);
+                        return failed(
+                            transport_kind(&e),
+                            format!("write: {e}"),
+                            commit_sent,
+                            rows,
+                        );
                     }
                     owed += 1;
                 }
@@ -428,7 +449,11 @@ async fn drain(
     }
     while owed > 0 {
         // PostgreSQL closes right after a FATAL error.
-        let wait = if owed == usize::MAX { Duration::from_secs(2) } else { bound };
+        let wait = if owed == usize::MAX {
+            Duration::from_secs(2)
+        } else {
+            bound
+        };
         let m = conn.recv(wait).await;
         if owed == usize::MAX {
             let another_fatal = matches!(&m, Ok(Msg::Error(f)) if f.severity == "FATAL");
@@ -466,12 +491,7 @@ async fn drain(
                     "a FATAL error, then the connection stayed open".into(),
                 ))
             }
-            Err(e) => {
-                return Err((
-                    transport_kind(&e),
-                    format!("draining after a refusal: {e}"),
-                ))
-            }
+            Err(e) => return Err((transport_kind(&e), format!("draining after a refusal: {e}"))),
         }
     }
     Ok(false)

@@ -101,14 +101,27 @@ impl Tx {
         self.done = true;
         if self.aborted {
             // COMMIT of an aborted transaction rolls back and says so.
-            let sql = if rng.gen_bool(0.5) { "COMMIT" } else { "ROLLBACK" };
-            return Step { sql: sql.into(), res: tag("ROLLBACK") };
+            let sql = if rng.gen_bool(0.5) {
+                "COMMIT"
+            } else {
+                "ROLLBACK"
+            };
+            return Step {
+                sql: sql.into(),
+                res: tag("ROLLBACK"),
+            };
         }
         if rng.gen_bool(0.7) {
             self.committed = true;
-            Step { sql: "COMMIT".into(), res: tag("COMMIT") }
+            Step {
+                sql: "COMMIT".into(),
+                res: tag("COMMIT"),
+            }
         } else {
-            Step { sql: "ROLLBACK".into(), res: tag("ROLLBACK") }
+            Step {
+                sql: "ROLLBACK".into(),
+                res: tag("ROLLBACK"),
+            }
         }
     }
 
@@ -250,8 +263,18 @@ pub fn transaction(m: &mut Model, rng: &mut StdRng) -> Plan {
         done: false,
         committed: false,
     };
-    let begin = if rng.gen_bool(0.2) { "BEGIN ISOLATION LEVEL REPEATABLE READ" } else { "BEGIN" };
-    let mut pending = vec![(Step { sql: begin.into(), res: tag("BEGIN") }, b'T')];
+    let begin = if rng.gen_bool(0.2) {
+        "BEGIN ISOLATION LEVEL REPEATABLE READ"
+    } else {
+        "BEGIN"
+    };
+    let mut pending = vec![(
+        Step {
+            sql: begin.into(),
+            res: tag("BEGIN"),
+        },
+        b'T',
+    )];
     let mut budget = rng.gen_range(2..8);
     while !tx.done {
         let g = match rng.gen_range(0..4) {
@@ -267,7 +290,11 @@ pub fn transaction(m: &mut Model, rng: &mut StdRng) -> Plan {
         let mut group: Vec<(Step, u8)> = std::mem::take(&mut pending);
         // BEGIN goes alone when each statement is its own batch: were it refused, the
         // batches after it in the same write would run outside any transaction.
-        let size = if first && !skips { 1 } else { rng.gen_range(1..=3) };
+        let size = if first && !skips {
+            1
+        } else {
+            rng.gen_range(1..=3)
+        };
         while group.len() < size && !tx.done {
             if group.last().is_some_and(|(st, _)| skips && st.fails()) {
                 break;
@@ -321,7 +348,8 @@ pub fn cancel(m: &mut Model, rng: &mut StdRng) -> Plan {
         s.exp(Exp::Complete("BEGIN".into()));
         s.exp(Exp::Ready(b'T'));
     }
-    s.out().query(&format!("SELECT pg_sleep(1.5), {c}::int4, {n}::int8"));
+    s.out()
+        .query(&format!("SELECT pg_sleep(1.5), {c}::int4, {n}::int8"));
     s.push(Item::Cancel(Duration::from_millis(rng.gen_range(20..2000))));
     s.select1(&["", &c.to_string(), &n.to_string()]);
     if in_tx {
@@ -369,10 +397,19 @@ pub fn kill(m: &mut Model, rng: &mut StdRng) -> Plan {
                 s.exp(Exp::Complete("BEGIN".into()));
                 s.exp(Exp::Ready(b'T'));
             }
-            s.out().query("COPY public.diff_copy(client, batch, n) FROM STDIN");
+            s.out()
+                .query("COPY public.diff_copy(client, batch, n) FROM STDIN");
             s.exp(Exp::CopyIn);
-            s.out().copy_data(format!("{c}\t{b}\t1\n{c}\t{b}\t2\n").as_bytes());
-            copy = Some((b, Batch { rows: 0, sum: 0, certain: true }));
+            s.out()
+                .copy_data(format!("{c}\t{b}\t1\n{c}\t{b}\t2\n").as_bytes());
+            copy = Some((
+                b,
+                Batch {
+                    rows: 0,
+                    sum: 0,
+                    certain: true,
+                },
+            ));
         }
     }
     s.push(Item::Pause(Duration::from_millis(rng.gen_range(10..300))));

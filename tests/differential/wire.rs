@@ -138,7 +138,9 @@ impl Msg {
                     .collect();
                 clip(&format!("DataRow [{}]", parts.join(", ")))
             }
-            Msg::Error(f) if f.hint.is_empty() => clip(&format!("Error {} {} {}", f.severity, f.code, f.message)),
+            Msg::Error(f) if f.hint.is_empty() => {
+                clip(&format!("Error {} {} {}", f.severity, f.code, f.message))
+            }
             Msg::Error(f) => clip(&format!(
                 "Error {} {} {} (HINT: {})",
                 f.severity, f.code, f.message, f.hint
@@ -189,7 +191,9 @@ impl Conn {
             let (tag, body) = c.read_frame().await.map_err(ConnectErr::Wire)?;
             match tag {
                 b'R' => {
-                    let kind = body.get(..4).map(|k| i32::from_be_bytes(k.try_into().unwrap()));
+                    let kind = body
+                        .get(..4)
+                        .map(|k| i32::from_be_bytes(k.try_into().unwrap()));
                     if kind != Some(0) {
                         return Err(ConnectErr::Wire(WireErr::Protocol(format!(
                             "authentication request {kind:?}; the tester uses trust only"
@@ -252,7 +256,12 @@ impl Conn {
     }
 
     /// Writes frontend messages; `what` goes to the transcript.
-    pub async fn send(&mut self, b: &[u8], what: &[String], bound: Duration) -> Result<(), WireErr> {
+    pub async fn send(
+        &mut self,
+        b: &[u8],
+        what: &[String],
+        bound: Duration,
+    ) -> Result<(), WireErr> {
         for w in what {
             self.note(format!("> {}", clip(w)));
         }
@@ -386,8 +395,16 @@ fn decode(tag: u8, mut body: Bytes) -> Result<Msg, WireErr> {
         b'n' => Msg::NoData,
         b'I' => Msg::EmptyQuery,
         b's' => Msg::PortalSuspended,
-        b't' => Msg::ParamDesc(body.get(..2).map(|b| u16::from_be_bytes([b[0], b[1]])).ok_or_else(short)? as usize),
-        b'T' => Msg::RowDesc(body.get(..2).map(|b| u16::from_be_bytes([b[0], b[1]])).ok_or_else(short)? as usize),
+        b't' => Msg::ParamDesc(
+            body.get(..2)
+                .map(|b| u16::from_be_bytes([b[0], b[1]]))
+                .ok_or_else(short)? as usize,
+        ),
+        b'T' => Msg::RowDesc(
+            body.get(..2)
+                .map(|b| u16::from_be_bytes([b[0], b[1]]))
+                .ok_or_else(short)? as usize,
+        ),
         b'D' => {
             if body.len() < 2 {
                 return Err(short());
@@ -487,7 +504,8 @@ impl Out {
     pub fn describe(&mut self, kind: u8, name: &str) {
         frontend::describe(kind, name, &mut self.buf).expect("describe");
         self.open = true;
-        self.what.push(format!("Describe {} {name:?}", kind as char));
+        self.what
+            .push(format!("Describe {} {name:?}", kind as char));
     }
 
     pub fn execute(&mut self, portal: &str, max_rows: i32) {
