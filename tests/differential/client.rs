@@ -77,8 +77,15 @@ pub struct Tally {
 impl Tally {
     fn fail(&mut self, sh: &Shared, cid: u32, op: &str, kind: Fail, detail: &str, log: &str) {
         let key = format!("{} ({op})", kind.label());
-        *self.failures.entry(key.clone()).or_default() += 1;
-        if !self.details.contains_key(&key) {
+        let n = self.failures.entry(key.clone()).or_default();
+        *n += 1;
+        // PGSLUICE_DIFF_DETAILS: how many failures of each kind to report in full per client.
+        let keep = std::env::var("PGSLUICE_DIFF_DETAILS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(1u64);
+        if *n <= keep {
+            let key = format!("{key} #{cid}.{n}");
             self.details.insert(key, format!(
                 "client {cid}, op #{} {op}: {}: {detail}\n  seed {} (PGSLUICE_DIFF_SEED={})\n  last messages of client {cid}:\n{log}",
                 self.ops,

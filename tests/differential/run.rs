@@ -215,8 +215,16 @@ fn merge(into: &mut Tally, t: Tally) {
             e[i] += v[i];
         }
     }
+    let keep = std::env::var("PGSLUICE_DIFF_DETAILS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1usize);
     for (k, d) in t.details {
-        into.details.entry(k).or_insert(d);
+        let base = k.split(" #").next().unwrap_or(&k).to_string();
+        let have = into.details.keys().filter(|x| x.starts_with(&base)).count();
+        if have < keep {
+            into.details.insert(k, d);
+        }
     }
 }
 
