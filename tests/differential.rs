@@ -31,6 +31,7 @@ macro_rules! config_tests {
 
 config_tests!(
     direct_baseline,
+    direct_terminate,
     txn_pool4_equal,
     txn_pool_above_active,
     txn_pool_below_active,

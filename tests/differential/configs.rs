@@ -33,6 +33,14 @@ pub fn all() -> Vec<Config> {
     c.faults = CLIENT_FAULTS;
     c.secs = secs_from_env(6.0);
     v.push(c);
+    // The oracle's judgment of server faults, against PostgreSQL itself.
+    let mut c = Config::new("direct_terminate", Direct, Some(4), None);
+    c.faults = Faults {
+        terminate: true,
+        ..CLIENT_FAULTS
+    };
+    c.secs = secs_from_env(6.0);
+    v.push(c);
     // Pool size equal to, below and above max-active. The first two with brief operations
     // only: 16 clients on 4 connections is a load the proxy must serve without refusing
     // anything (issue 16: pgbench -c 16 over --pool-size 4, 0 failed).
