@@ -32,8 +32,8 @@ log "results in $OUT_DIR"
 cd "$REPO_DIR"
 log "build: pgsluice and bench targets"
 cargo build --release --bin pgsluice -q
-cargo bench --no-run -q --bench frame_scan --bench idle_clients --bench outage_replay --bench cancel_latency 2>/dev/null ||
-    cargo bench --no-run --bench frame_scan --bench idle_clients --bench outage_replay --bench cancel_latency
+cargo bench --no-run -q --bench frame_scan --bench idle_clients --bench outage_replay --bench cancel_latency --bench difftest 2>/dev/null ||
+    cargo bench --no-run --bench frame_scan --bench idle_clients --bench outage_replay --bench cancel_latency --bench difftest
 
 log "frame_scan (one pass per benchmark)"
 cargo bench -q --bench frame_scan -- --test
@@ -52,5 +52,12 @@ SKIP_BUILD=1 COUNTS=50 bash "$BENCH_DIR/idle_memory.sh"
 
 log "cancel latency --quick"
 SKIP_BUILD=1 bash "$BENCH_DIR/cancel_latency.sh" --quick --out "$OUT_DIR/cancel-latency.md"
+
+# The oracle must hold against PostgreSQL itself; one pgsluice configuration shows the tool
+# runs end to end (its verdict on pgsluice gates in the test suite, not here).
+log "difftest (3 s per configuration)"
+DIFFTEST=$(bench_exe difftest)
+"$DIFFTEST" --secs 3 --config direct_baseline
+"$DIFFTEST" --secs 3 --config txn_pool_above_active --allow-failures
 
 echo "benchmark smoke: passed"
