@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Explicit transactions with more clients than server connections: pgbench running
 # `BEGIN; SELECT 1; SELECT 2; COMMIT` directly and through pgsluice (transaction mode, pool 4)
-# at several --max-active settings, interleaved, each cell checked for failed and aborted
+# at several --max-active settings, and through PgBouncer with the same pool, interleaved, each cell checked for failed and aborted
 # clients. A pool that deadlocks shows up as aborted clients and a TPS near zero.
 #
 # Usage (as root): benches/tx_pgbench.sh [--quick]
@@ -46,6 +46,13 @@ printf 'BEGIN;\nSELECT 1;\nSELECT 2;\nCOMMIT;\n' >"$SCRIPT"
 chmod 644 "$SCRIPT"
 
 declare -A PROXY_PORT
+# PgBouncer with the same pool, for what a pool of $POOL allows at all (when installed).
+TARGETS=(direct)
+if command -v pgbouncer >/dev/null; then
+    PROXY_PORT[pgbouncer]=$(free_port)
+    start_pgbouncer "${PROXY_PORT[pgbouncer]}" "$PGPORT" "$POOL" 1000
+    TARGETS+=(pgbouncer)
+fi
 for cfg in "${CONFIGS[@]}"; do
     name=${cfg%%|*}
     flags=${cfg#*|}
@@ -53,6 +60,7 @@ for cfg in "${CONFIGS[@]}"; do
     # shellcheck disable=SC2086
     start_pgsluice "$port" "$PGPORT" "$POOL" $flags
     PROXY_PORT[$name]=$port
+    TARGETS+=("$name")
 done
 
 # run PORT CLIENTS -> "tps failed aborted"
@@ -74,7 +82,7 @@ for c in $CLIENTS; do
     declare -A TPS=() FAILED=() ABORTED=()
     for ((r = 0; r < ROUNDS; r++)); do
         # Interleaved: every target once per round, so machine noise hits all alike.
-        for target in direct "${CONFIGS[@]%%|*}"; do
+        for target in "${TARGETS[@]}"; do
             if [[ $target == direct ]]; then port=$PGPORT; else port=${PROXY_PORT[$target]}; fi
             read -r tps failed aborted < <(run "$port" "$c")
             TPS[$target]+="$tps "
@@ -83,12 +91,12 @@ for c in $CLIENTS; do
         done
     done
     direct=$(tr ' ' '\n' <<<"${TPS[direct]}" | grep . | median)
-    for target in direct "${CONFIGS[@]%%|*}"; do
+    for target in "${TARGETS[@]}"; do
         tps=$(tr ' ' '\n' <<<"${TPS[$target]}" | grep . | median)
         ratio=$(awk -v a="$tps" -v b="$direct" 'BEGIN { if (b > 0) printf "%.2f", a / b; else print "-" }')
         printf '| %s | %s | %.0f | %s | %s | %s |\n' "$c" "$target" "$tps" "$ratio" \
             "${FAILED[$target]}" "${ABORTED[$target]}"
-        if [[ $target != direct ]] && ((FAILED[$target] + ABORTED[$target] > 0)); then
+        if [[ $target != direct && $target != pgbouncer ]] && ((FAILED[$target] + ABORTED[$target] > 0)); then
             bad=1
         fi
     done
