@@ -252,6 +252,7 @@ impl Session {
                 s.broken = true;
             }
             self.st.server_fatal = false;
+            self.st.fatal_softened = false;
             self.st.status = b'I';
             return;
         }
@@ -260,9 +261,12 @@ impl Session {
         }
     }
 
-    /// The server died under a query. Outside a transaction the client gets 08006 for each
-    /// batch it waits on and carries on with a fresh server; inside one it is disconnected,
-    /// since running its later statements outside the lost transaction would break atomicity.
+    /// The server died under a query. Transaction pooling outside a transaction: the client
+    /// gets an error for each batch it waits on (the server's own reason, softened from FATAL
+    /// by the relay, or 08006) and carries on with a fresh server. Inside a transaction it is
+    /// disconnected, since running its later statements outside the lost transaction would
+    /// break atomicity; in session mode too, since its session state (prepared statements,
+    /// settings, temporary tables) died with the server, as a direct connection would.
     async fn server_lost(&mut self) -> bool {
         if let Some(mut s) = self.server.take() {
             s.broken = true;
@@ -273,6 +277,16 @@ impl Session {
         let owed = self.st.abandon_server();
         self.st.status = b'I';
         self.st.s2c.clear();
+        let softened = std::mem::take(&mut self.st.fatal_softened);
+        if self.cfg.pool_mode == PoolMode::Session && !softened {
+            startup::send_fatal(
+                &mut self.client,
+                "08006",
+                "pgsluice: lost connection to upstream; the session's state is gone with it",
+            )
+            .await;
+            return false;
+        }
         if in_tx || !clean {
             startup::send_fatal(
                 &mut self.client,
@@ -286,14 +300,17 @@ impl Session {
         // Nothing owed: the server closed right after its last ReadyForQuery (e.g. a fast
         // shutdown). The client waits on nothing, and an unasked ReadyForQuery would break
         // its protocol state.
-        for _ in 0..owed {
-            protocol::error_response(
-                &mut b,
-                Severity::Error,
-                "08006",
-                "pgsluice: lost connection to upstream",
-                None,
-            );
+        for i in 0..owed {
+            // The first batch already has its error when the server said why it went.
+            if i > 0 || !softened {
+                protocol::error_response(
+                    &mut b,
+                    Severity::Error,
+                    "08006",
+                    "pgsluice: lost connection to upstream",
+                    None,
+                );
+            }
             protocol::ready_for_query(&mut b, b'I');
         }
         if self.st.discarding {

@@ -65,6 +65,9 @@ pub struct RelayState {
     pub client_eof: bool,
     /// The server reported a FATAL error: do not reuse the connection.
     pub server_fatal: bool,
+    /// A server FATAL was passed on as ERROR: the session goes on (transaction pooling,
+    /// outside a transaction), so the client must not take it as the end of its connection.
+    pub fatal_softened: bool,
     /// Replace the next 57014 ErrorResponse with the proxy's own timeout message.
     pub rewrite_cancel: Option<&'static str>,
     /// Client bytes are being dropped until the current batch ends (after a refusal).
@@ -117,6 +120,7 @@ impl RelayState {
             terminated: false,
             client_eof: false,
             server_fatal: false,
+            fatal_softened: false,
             rewrite_cancel: None,
             discarding: false,
             discard_done: false,
@@ -427,6 +431,8 @@ impl RelayState {
         let mut at = from;
         loop {
             let mut rewrite: Option<(usize, usize)> = None;
+            let mut soften: Option<(usize, usize, bytes::BytesMut)> = None;
+            let soften_on = self.rewrite_on;
             let mut strip: Option<(usize, usize)> = None;
             let want_rewrite = self.rewrite_cancel.is_some();
             let pos = self.s2c.pos;
@@ -480,6 +486,26 @@ impl RelayState {
                             let f = protocol::parse_error_fields(body);
                             if f.severity == "FATAL" || f.severity == "PANIC" {
                                 *fatal = true;
+                                // Transaction pooling outside a transaction: the session
+                                // carries on with another server, so the client gets the
+                                // server's reason as an ERROR (a FATAL means "connection
+                                // over" to every client library).
+                                if soften_on && *status == b'I' && rewrite.is_none() {
+                                    if let Some(st) = ev.start.map(|s| at + s) {
+                                        if st >= pos {
+                                            let mut m = bytes::BytesMut::new();
+                                            protocol::error_response(
+                                                &mut m,
+                                                protocol::Severity::Error,
+                                                &f.code,
+                                                &f.message,
+                                                None,
+                                            );
+                                            soften = Some((st, at + ev.end, m));
+                                            return ControlFlow::Break(());
+                                        }
+                                    }
+                                }
                             }
                             if want_rewrite && f.code == "57014" {
                                 if let Some(s) = ev.start {
@@ -496,6 +522,16 @@ impl RelayState {
                 let mut m = bytes::BytesMut::new();
                 protocol::error_response(&mut m, protocol::Severity::Error, "57014", msg, None);
                 self.s2c.splice(s, e, &m);
+            }
+            if let Some((s, e, m)) = soften {
+                self.fatal_softened = true;
+                let next = at + n;
+                self.s2c.splice(s, e, &m);
+                at = next - (e - s) + m.len();
+                if at >= self.s2c.end {
+                    return Ok(());
+                }
+                continue;
             }
             match strip {
                 Some((s, e)) => {
