@@ -297,31 +297,28 @@ impl Session {
             return false;
         }
         let mut b = BytesMut::with_capacity(256);
+        let lost = |b: &mut BytesMut| {
+            protocol::error_response(
+                b,
+                Severity::Error,
+                "08006",
+                "pgsluice: lost connection to upstream",
+                None,
+            )
+        };
         // Nothing owed: the server closed right after its last ReadyForQuery (e.g. a fast
         // shutdown). The client waits on nothing, and an unasked ReadyForQuery would break
         // its protocol state.
         for i in 0..owed {
             // The first batch already has its error when the server said why it went.
             if i > 0 || !softened {
-                protocol::error_response(
-                    &mut b,
-                    Severity::Error,
-                    "08006",
-                    "pgsluice: lost connection to upstream",
-                    None,
-                );
+                lost(&mut b);
             }
             protocol::ready_for_query(&mut b, b'I');
         }
         if self.st.discarding {
             // The unfinished batch gets its error now and its ReadyForQuery at its Sync.
-            protocol::error_response(
-                &mut b,
-                Severity::Error,
-                "08006",
-                "pgsluice: lost connection to upstream",
-                None,
-            );
+            lost(&mut b);
         }
         startup::send(&mut self.client, &b).await.is_ok()
     }
