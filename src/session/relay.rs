@@ -389,7 +389,8 @@ impl RelayState {
     /// Forgets everything owed by a lost server; returns how many batches the client still
     /// waits on (forwarded or not), each of which gets an error and a ReadyForQuery.
     pub fn abandon_server(&mut self) -> usize {
-        let owed = self.pending + self.ends.len();
+        // The client waits on its own batches only, not on injected parameter queries.
+        let owed = (self.pending + self.ends.len()).saturating_sub(self.params.injected_owed());
         self.pending = 0;
         self.ends.clear();
         self.c2s.clear();

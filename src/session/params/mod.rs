@@ -190,6 +190,11 @@ impl Tracker {
         self.strip > 0
     }
 
+    /// Injected batches whose ReadyForQuery is still owed (the client is not waiting on them).
+    pub fn injected_owed(&self) -> usize {
+        self.strip
+    }
+
     /// An injected query is on its way to the server.
     pub fn injected(&mut self) {
         self.strip = self.strip.saturating_add(1);
