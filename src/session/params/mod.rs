@@ -192,7 +192,7 @@ impl Tracker {
 
     /// Injected batches whose ReadyForQuery is still owed (the client is not waiting on them).
     pub fn injected_owed(&self) -> usize {
-        self.strip
+        usize::from(self.strip)
     }
 
     /// An injected query is on its way to the server.
