@@ -491,6 +491,17 @@ impl RelayState {
                                 // carries on with another server, so the client gets the
                                 // server's reason as an ERROR (a FATAL means "connection
                                 // over" to every client library).
+                                if soften_on && *pending == 0 {
+                                    // After the last owed ReadyForQuery: the pooled server
+                                    // is going away on its own (a shutdown); the client
+                                    // asked nothing and must not get an unasked answer.
+                                    let end = at + ev.end;
+                                    let start = end - (5 + ev.len);
+                                    if start >= pos {
+                                        strip = Some((start, end));
+                                        return ControlFlow::Break(());
+                                    }
+                                }
                                 if soften_on && *status == b'I' && rewrite.is_none() {
                                     if let Some(st) = ev.start.map(|s| at + s) {
                                         if st >= pos {
