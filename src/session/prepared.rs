@@ -4,7 +4,15 @@
 //! (`pgsl_<client>_<n>`), remembered with their Parse body, and prepared transparently —
 //! pipelined ahead of the client's own Bind or Describe — on whichever server connection the
 //! client lands on. Each server connection keeps a bounded set of prepared names, evicting
-//! the oldest.
+//! the oldest. A Parse of a name the client has already fails with 42P05 as it would
+//! directly: it is sent under a name the server holds (the statement's own, or a
+//! placeholder), so that the server checks the query first and skips the rest of the batch.
+//!
+//! Several batches may be written before the first is answered, each rewritten as if those
+//! before succeeded. An error skips the Parse and Close messages after it in its batch only,
+//! so a name parsed or closed in a batch still unanswered is not known to be prepared or
+//! not: a later batch closes and prepares it again before using it (unless that was the
+//! client's own defining Parse, whose failure makes the use fail as it would directly).
 //!
 //! Unnamed: PostgreSQL keeps the unnamed statement until the next Parse of it or simple
 //! Query, so the one a server holds may be another client's. A Bind or Describe of it in
@@ -19,7 +27,7 @@
 //! the stream back to the client.
 
 use super::stmt_sql::TailWatch;
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 
 /// A client's statement as the server knows it.
@@ -144,41 +152,122 @@ impl ClientStatements {
 /// Names prepared on one server connection, oldest first.
 #[derive(Default)]
 pub struct ServerStatements {
-    set: HashSet<String>,
+    /// Every name prepared here (`present`), and those whose last Parse or Close went out in
+    /// a batch perhaps not answered yet.
+    marks: HashMap<String, Mark>,
+    /// The names prepared here, oldest first.
     order: VecDeque<String>,
     /// A statement may be prepared here that the set does not list (a `DISCARD ALL` that
     /// failed part-way): close each name before preparing it.
     close_first: bool,
+    /// The number of the batch being written to this connection (wrapping).
+    batch: u32,
+}
+
+/// What is known of one name on a server connection.
+#[derive(Clone, Copy)]
+struct Mark {
+    present: bool,
+    /// The batch of the last Parse or Close of the name sent: while that batch is
+    /// unanswered, an error in it may leave the name other than `present` says.
+    batch: u32,
+    /// That was a client's Parse defining the statement under this name.
+    defining: bool,
 }
 
 impl ServerStatements {
     pub fn contains(&self, name: &str) -> bool {
-        self.set.contains(name)
+        self.marks.get(name).is_some_and(|m| m.present)
     }
 
     fn insert(&mut self, name: &str) {
-        if self.set.insert(name.to_string()) {
+        // Untouched: as far back as can be.
+        let batch = self.batch.wrapping_add(1 << 31);
+        let m = self.marks.entry(name.to_string()).or_insert(Mark {
+            present: false,
+            batch,
+            defining: false,
+        });
+        if !m.present {
+            m.present = true;
             self.order.push_back(name.to_string());
         }
     }
 
     fn remove(&mut self, name: &str) {
-        if self.set.remove(name) {
-            self.order.retain(|n| n != name);
+        if let Some(m) = self.marks.get_mut(name) {
+            if m.present {
+                m.present = false;
+                self.order.retain(|n| n != name);
+            }
         }
     }
 
     pub fn clear(&mut self) {
-        self.set.clear();
+        self.marks.clear();
         self.order.clear();
     }
 
+    /// A Parse or Close of `name` goes out in the current batch; `defining`: a client's
+    /// Parse of its statement under that name.
+    fn touch(&mut self, name: &str, defining: bool, expect: &Expectations) {
+        if self.marks.len() > 2 * self.order.len() + 64 {
+            let open = self.open_span(expect);
+            let now = self.batch;
+            self.marks
+                .retain(|_, m| m.present || now.wrapping_sub(m.batch) <= open);
+        }
+        let batch = self.batch;
+        let m = self.marks.entry(name.to_string()).or_insert(Mark {
+            present: false,
+            batch,
+            defining,
+        });
+        m.batch = batch;
+        m.defining = defining;
+    }
+
+    /// How many batches back the oldest unanswered one is (0: none).
+    fn open_span(&self, expect: &Expectations) -> u32 {
+        expect
+            .first_open()
+            .map_or(0, |f| self.batch.wrapping_sub(f))
+    }
+
+    /// Batch `b` was written before the current one and is not answered yet.
+    fn unresolved_earlier(&self, b: u32, expect: &Expectations) -> bool {
+        let back = self.batch.wrapping_sub(b);
+        back > 0 && back <= self.open_span(expect)
+    }
+
+    /// The last Parse or Close of `name` went out in an earlier batch that is still
+    /// unanswered: the set's word on it holds only if that batch succeeds.
+    fn unsure(&self, name: &str, expect: &Expectations) -> bool {
+        self.marks
+            .get(name)
+            .is_some_and(|m| self.unresolved_earlier(m.batch, expect))
+    }
+
+    /// `unsure`, and that was a client's Parse defining its statement under `name`.
+    fn defined_unresolved(&self, name: &str, expect: &Expectations) -> bool {
+        self.marks
+            .get(name)
+            .is_some_and(|m| m.defining && self.unresolved_earlier(m.batch, expect))
+    }
+
+    /// A later batch than `batch` sent a Parse or Close of `name`: that one decides.
+    fn touched_after(&self, name: &str, batch: u32) -> bool {
+        self.marks
+            .get(name)
+            .is_some_and(|m| (m.batch.wrapping_sub(batch) as i32) > 0)
+    }
+
     pub fn len(&self) -> usize {
-        self.set.len()
+        self.order.len()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.set.is_empty()
+        self.order.is_empty()
     }
 }
 
@@ -191,6 +280,7 @@ pub enum Expect {
         strip: bool,
         name: String,
         unnamed: Option<u64>,
+        def: Def,
     },
     /// CloseComplete; `name`: the server statement closed, if the proxy tracks it.
     Close { strip: bool, name: Option<String> },
@@ -206,8 +296,20 @@ pub enum Expect {
     /// A query with `DISCARD ALL`/`DEALLOCATE ALL`: the client's statements before it,
     /// given back if the query fails.
     DropAll { saved: HashMap<Vec<u8>, Arc<Stmt>> },
-    /// ReadyForQuery after a Sync (or a simple Query, or a FunctionCall).
-    Sync,
+    /// ReadyForQuery after a Sync (or a simple Query, or a FunctionCall) ending the batch
+    /// numbered `batch`.
+    Sync { batch: u32 },
+}
+
+/// What a client's named Parse does to the client's statements once answered.
+#[derive(Debug)]
+pub enum Def {
+    None,
+    /// It defined the statement: forgotten if the Parse fails or is skipped.
+    New(Vec<u8>, Arc<Stmt>),
+    /// A Parse of a name whose defining Parse, in an earlier batch, was unanswered when
+    /// sent (under the same server name): it defines the statement if that one failed.
+    Retry(Vec<u8>, Arc<Stmt>),
 }
 
 /// What to do with a server message that answers an expected one.
@@ -218,6 +320,10 @@ pub enum Verdict {
 }
 
 /// The response bookkeeping for the current server.
+///
+/// Batches (each ending in an expected ReadyForQuery) are numbered per server connection
+/// (see [`ServerStatements`]); the answers still owed are those of the batches whose Syncs
+/// are queued.
 #[derive(Default)]
 pub struct Expectations {
     queue: VecDeque<Expect>,
@@ -230,6 +336,21 @@ impl Expectations {
 
     pub fn clear(&mut self) {
         self.queue.clear();
+    }
+
+    /// The number of the oldest batch not answered yet, if any.
+    fn first_open(&self) -> Option<u32> {
+        self.queue.iter().find_map(|e| match e {
+            Expect::Sync { batch } => Some(*batch),
+            _ => None,
+        })
+    }
+
+    fn push_sync(&mut self, server: &mut ServerStatements) {
+        self.queue.push_back(Expect::Sync {
+            batch: server.batch,
+        });
+        server.batch = server.batch.wrapping_add(1);
     }
 
     /// A message of type `tag` being received may have to be removed: hold it back.
@@ -245,11 +366,27 @@ impl Expectations {
     /// ParseComplete ('1'), CloseComplete ('3') or CommandComplete ('C') arrived.
     pub fn on_complete(&mut self, tag: u8, client: &mut ClientStatements) -> Verdict {
         let verdict = match (tag, self.queue.front()) {
-            (b'1', Some(Expect::Parse { strip, unnamed, .. })) => {
+            (
+                b'1',
+                Some(Expect::Parse {
+                    strip,
+                    unnamed,
+                    def,
+                    ..
+                }),
+            ) => {
                 if let Some(r) = client.rare.as_mut() {
                     if *unnamed == Some(r.unnamed_gen) && r.has_unnamed {
                         r.unnamed_confirmed = true;
                     }
+                }
+                if let Def::Retry(name, stmt) = def {
+                    // The earlier defining Parse failed: this one took its place.
+                    client
+                        .rare()
+                        .map
+                        .entry(name.clone())
+                        .or_insert_with(|| stmt.clone());
                 }
                 *strip
             }
@@ -271,26 +408,39 @@ impl Expectations {
     /// failed or came after the failure) must not be remembered as prepared, and a
     /// statement whose Close was skipped is still prepared: preparing it again under the
     /// same name would fail.
+    ///
+    /// A name that a later batch, written before this answer, parsed or closed again is left
+    /// as that batch's rewriting set it: its own answers decide.
     pub fn on_error(&mut self, server: &mut ServerStatements, client: &mut ClientStatements) {
         // Whatever unnamed statement the server holds now is not known to be the client's.
         client.unconfirm();
+        let batch = self.first_open();
         while let Some(e) = self.queue.front() {
-            if matches!(e, Expect::Sync) {
+            if matches!(e, Expect::Sync { .. }) {
                 break;
             }
             let Some(e) = self.queue.pop_front() else {
                 break;
             };
             match e {
-                Expect::Parse { name, unnamed, .. } => {
-                    server.remove(&name);
+                Expect::Parse {
+                    name, unnamed, def, ..
+                } => {
+                    if !batch.is_some_and(|b| server.touched_after(&name, b)) {
+                        server.remove(&name);
+                    }
+                    if let Def::New(c, stmt) = def {
+                        if client.get(&c).is_some_and(|s| Arc::ptr_eq(&s, &stmt)) {
+                            client.remove(&c);
+                        }
+                    }
                     if unnamed.is_some() && unnamed == client.rare.as_ref().map(|r| r.unnamed_gen) {
                         client.forget_unnamed();
                     }
                 }
                 Expect::Close {
                     name: Some(name), ..
-                } => server.insert(&name),
+                } if !batch.is_some_and(|b| server.touched_after(&name, b)) => server.insert(&name),
                 Expect::Dealloc {
                     client: c,
                     stmt,
@@ -318,7 +468,7 @@ impl Expectations {
     pub fn forget_syncs(&mut self, n: usize) {
         for _ in 0..n {
             match self.queue.back() {
-                Some(Expect::Sync) => {
+                Some(Expect::Sync { .. }) => {
                     self.queue.pop_back();
                 }
                 _ => break,
@@ -333,7 +483,7 @@ impl Expectations {
             client.unconfirm();
         }
         while let Some(e) = self.queue.pop_front() {
-            if matches!(e, Expect::Sync) {
+            if matches!(e, Expect::Sync { .. }) {
                 break;
             }
         }
@@ -392,6 +542,7 @@ pub fn rewrite(
                     strip: false,
                     name: String::new(),
                     unnamed: Some(gen),
+                    def: Def::None,
                 });
                 return replaced;
             }
@@ -400,17 +551,24 @@ pub fn rewrite(
                     strip: false,
                     name: String::new(),
                     unnamed: None,
+                    def: Def::None,
                 });
                 return false;
+            }
+            if let Some(stmt) = client.get(name) {
+                duplicate(name, rest, &stmt, server, expect, cap, out);
+                return true;
             }
             let stmt = client.define(name, rest);
             evict(out, server, expect, cap);
             put_msg(out, b'P', &[stmt.server_name.as_bytes(), &[0], rest]);
             server.insert(&stmt.server_name);
+            server.touch(&stmt.server_name, true, expect);
             expect.queue.push_back(Expect::Parse {
                 strip: false,
                 name: stmt.server_name.clone(),
                 unnamed: None,
+                def: Def::New(name.to_vec(), stmt.clone()),
             });
             true
         }
@@ -473,6 +631,7 @@ pub fn rewrite(
             } else {
                 client.remove(name);
                 server.remove(&stmt.server_name);
+                server.touch(&stmt.server_name, false, expect);
                 expect.queue.push_back(Expect::Close {
                     strip: false,
                     name: Some(stmt.server_name.clone()),
@@ -485,18 +644,18 @@ pub fn rewrite(
             if let Some(r) = client.rare.as_mut() {
                 r.unnamed_fresh = false;
             }
-            expect.queue.push_back(Expect::Sync);
+            expect.push_sync(server);
             false
         }
         b'F' => {
-            expect.queue.push_back(Expect::Sync);
+            expect.push_sync(server);
             false
         }
         b'Q' => {
             // A simple Query destroys the unnamed statement.
             client.forget_unnamed();
             let replaced = sql::query(body, client, server, expect, cap, out);
-            expect.queue.push_back(Expect::Sync);
+            expect.push_sync(server);
             replaced
         }
         _ => false,
@@ -520,6 +679,7 @@ fn use_unnamed(
             strip: true,
             name: String::new(),
             unnamed: Some(r.unnamed_gen),
+            def: Def::None,
         });
     } else {
         // The server's unnamed statement, if any, is not this client's: drop it, and the
@@ -543,11 +703,22 @@ fn ensure(
     expect: &mut Expectations,
     cap: usize,
 ) {
-    if server.contains(&stmt.server_name) {
+    let name = &stmt.server_name;
+    if server.contains(name)
+        && (!server.unsure(name, expect) || server.defined_unresolved(name, expect))
+    {
+        // Prepared here, or to be by the client's own Parse in an earlier batch: if that
+        // fails, so does this use, as it would directly (and the statement is forgotten).
         return;
     }
+    let unsure = server.unsure(name, expect);
+    if server.contains(name) {
+        // Prepared again below: evicting must not pick it.
+        server.remove(name);
+    }
     evict(out, server, expect, cap);
-    if server.close_first {
+    server.touch(name, false, expect);
+    if server.close_first || unsure {
         put_msg(out, b'C', &[b"S", stmt.server_name.as_bytes(), &[0]]);
         expect.queue.push_back(Expect::Close {
             strip: true,
@@ -560,6 +731,64 @@ fn ensure(
         strip: true,
         name: stmt.server_name.clone(),
         unnamed: None,
+        def: Def::None,
+    });
+}
+
+/// A name every server may hold, prepared with an empty query, for [`duplicate`].
+const DUP_NAME: &str = "pgsl_dup";
+
+/// A client's Parse of a name it has prepared already: PostgreSQL checks the query, then
+/// fails with 42P05. So does the server, given the Parse under a name it holds.
+fn duplicate(
+    name: &[u8],
+    rest: &[u8],
+    stmt: &Arc<Stmt>,
+    server: &mut ServerStatements,
+    expect: &mut Expectations,
+    cap: usize,
+    out: &mut Vec<u8>,
+) {
+    let own = &stmt.server_name;
+    let (target, def) = if server.defined_unresolved(own, expect) {
+        // Whether the statement exists depends on its defining Parse: under the same name,
+        // this one fails if that succeeded, and takes its place if not.
+        let again = Arc::new(Stmt {
+            server_name: own.clone(),
+            rest: rest.to_vec(),
+        });
+        server.touch(own, true, expect);
+        (own.clone(), Def::Retry(name.to_vec(), again))
+    } else if server.contains(own) && !server.unsure(own, expect) {
+        (own.clone(), Def::None)
+    } else {
+        if !server.contains(DUP_NAME) || server.unsure(DUP_NAME, expect) {
+            server.remove(DUP_NAME);
+            evict(out, server, expect, cap);
+            server.touch(DUP_NAME, false, expect);
+            put_msg(out, b'C', &[b"S", DUP_NAME.as_bytes(), &[0]]);
+            expect.queue.push_back(Expect::Close {
+                strip: true,
+                name: None,
+            });
+            put_msg(out, b'P', &[DUP_NAME.as_bytes(), &[0], &[0], &[0, 0]]);
+            server.insert(DUP_NAME);
+            expect.queue.push_back(Expect::Parse {
+                strip: true,
+                name: DUP_NAME.to_string(),
+                unnamed: None,
+                def: Def::None,
+            });
+        }
+        (DUP_NAME.to_string(), Def::None)
+    };
+    put_msg(out, b'P', &[target.as_bytes(), &[0], rest]);
+    // Nothing to forget if it fails: the name was prepared before.
+    expect.queue.push_back(Expect::Parse {
+        strip: false,
+        name: String::new(),
+        unnamed: None,
+        def,
     });
 }
 
@@ -569,7 +798,10 @@ fn evict(out: &mut Vec<u8>, server: &mut ServerStatements, expect: &mut Expectat
         let Some(old) = server.order.pop_front() else {
             break;
         };
-        server.set.remove(&old);
+        server.touch(&old, false, expect);
+        if let Some(m) = server.marks.get_mut(&old) {
+            m.present = false;
+        }
         put_msg(out, b'C', &[b"S", old.as_bytes(), &[0]]);
         expect.queue.push_back(Expect::Close {
             strip: true,
