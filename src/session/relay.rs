@@ -167,7 +167,7 @@ impl RelayState {
             && self
                 .sscan
                 .current_tag()
-                .is_some_and(|t| self.expect.holds(t))
+                .is_some_and(|t| self.expect.holds(t) || t == b'S' || t == b'Z')
         {
             self.s2c.end - self.sscan.partial_len().min(self.s2c.len())
         } else {
@@ -428,6 +428,8 @@ impl RelayState {
         loop {
             let mut rewrite: Option<(usize, usize)> = None;
             let mut strip: Option<(usize, usize)> = None;
+            // A ParameterStatus to tell the client with another value.
+            let mut status_rw: Option<(usize, usize, bytes::BytesMut)> = None;
             let want_rewrite = self.rewrite_cancel.is_some();
             let pos = self.s2c.pos;
             let pending = &mut self.pending;
@@ -452,7 +454,21 @@ impl RelayState {
                 match ev.tag {
                     b'S' => {
                         if let Some(body) = ev.body {
-                            params.on_status(body);
+                            let name = body.split(|&b| b == 0).next().unwrap_or_default();
+                            if let Some(v) = params.on_status(body) {
+                                let end = at + ev.end;
+                                let start = end - (5 + ev.len);
+                                if start >= pos {
+                                    let mut m = bytes::BytesMut::new();
+                                    protocol::parameter_status(
+                                        &mut m,
+                                        &String::from_utf8_lossy(name),
+                                        v,
+                                    );
+                                    status_rw = Some((start, end, m));
+                                    return ControlFlow::Break(());
+                                }
+                            }
                         }
                     }
                     b'G' => *copy_in = true,
@@ -463,6 +479,19 @@ impl RelayState {
                             *status = s;
                         }
                         expect.on_ready(*status, stmts);
+                        let end = at + ev.end;
+                        let start = end - (5 + ev.len);
+                        if *saw_error || *status == b'E' {
+                            // The RESET may have been rolled back: the read-back tells.
+                            params.before_ready_skip();
+                        } else if start >= pos {
+                            let mut m = bytes::BytesMut::new();
+                            params.before_ready(&mut m);
+                            if !m.is_empty() {
+                                status_rw = Some((start, start, m));
+                                return ControlFlow::Break(());
+                            }
+                        }
                     }
                     b'1' | b'3' | b'C' if expect.on_complete(ev.tag, stmts) == Verdict::Strip => {
                         let end = at + ev.end;
@@ -496,6 +525,15 @@ impl RelayState {
                 let mut m = bytes::BytesMut::new();
                 protocol::error_response(&mut m, protocol::Severity::Error, "57014", msg, None);
                 self.s2c.splice(s, e, &m);
+            }
+            if let Some((s, e, m)) = status_rw {
+                let next = at + n;
+                self.s2c.splice(s, e, &m);
+                at = next - (e - s) + m.len();
+                if at >= self.s2c.end {
+                    return Ok(());
+                }
+                continue;
             }
             match strip {
                 Some((s, e)) => {
