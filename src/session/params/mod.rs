@@ -236,7 +236,7 @@ impl Tracker {
             return;
         }
         let targets = std::mem::take(&mut self.reset_now);
-        for i in 0..TRACKED.len() {
+        for (i, name) in TRACKED.iter().enumerate() {
             let Some(start) = self.startup.get(i) else {
                 continue;
             };
@@ -249,7 +249,7 @@ impl Tracker {
                 self.current.get(i)
             };
             if told != Some(start) {
-                protocol::parameter_status(out, TRACKED[i], start);
+                protocol::parameter_status(out, name, start);
                 self.rewritten |= 1 << i;
             }
         }
