@@ -136,15 +136,12 @@ async fn transaction_mode_set_to_default_value_survives_other_resets() {
     // batch on in transaction mode), SET ... TO DEFAULT too.
     a.batch("RESET DateStyle").await.unwrap();
     assert_eq!(
-        a.status["DateStyle"], "ISO, MDY",
-        "what the server reported"
+        a.status["DateStyle"], "Postgres, MDY",
+        "told the startup value, not the server's default"
     );
     assert_eq!(one(&mut other, "SHOW DateStyle").await, "ISO, MDY");
     assert_eq!(all(&mut a, "SHOW DateStyle").await, ["Postgres, MDY"]);
-    assert_eq!(
-        a.status["DateStyle"], "Postgres, MDY",
-        "what the client is told next"
-    );
+    assert_eq!(a.status["DateStyle"], "Postgres, MDY");
     a.batch("SET TimeZone = 'UTC'").await.unwrap();
     a.batch("SET TimeZone TO DEFAULT").await.unwrap();
     assert_eq!(one(&mut a, "SHOW TimeZone").await, "PST8PDT");
@@ -152,6 +149,60 @@ async fn transaction_mode_set_to_default_value_survives_other_resets() {
     assert_eq!(one(&mut other, "SHOW IntervalStyle").await, "postgres");
     assert_eq!(one(&mut a, "SHOW IntervalStyle").await, "postgres_verbose");
     assert_eq!(one(&mut a, "SHOW application_name").await, "pg_regress/t");
+    proxy.shutdown().await;
+}
+
+/// The reported parameters a client has been told by its ReadyForQuery, compared with a
+/// direct connection's after the same batch.
+fn reported(c: &Raw) -> Vec<(&'static str, Option<String>)> {
+    ["DateStyle", "TimeZone", "IntervalStyle", "application_name"]
+        .into_iter()
+        .map(|n| (n, c.status.get(n).cloned()))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn transaction_mode_parameter_status_after_reset_is_the_startup_value() {
+    let pg = cluster().await;
+    let proxy = TestProxy::start(&pg, &["--pool-size", "1", "--pool-mode", "transaction"]).await;
+    let mut a = Raw::connect(proxy.addr(), &REGRESS).await.expect("startup");
+    let mut other = Raw::connect(proxy.addr(), &[]).await.expect("startup");
+    let mut d = Raw::connect(pg.addr(), &REGRESS).await.expect("direct");
+    assert_eq!(reported(&a), reported(&d));
+    for b in [
+        "SET DateStyle = 'German'; SET TimeZone = 'Asia/Tokyo'",
+        "RESET ALL",
+        "SET DateStyle = 'SQL'",
+        "DISCARD ALL",
+        "SET IntervalStyle = iso_8601; SET application_name = 'x'",
+        "RESET DateStyle; RESET IntervalStyle",
+        "SET TimeZone TO DEFAULT",
+        "SET TimeZone = 'UTC'; RESET TimeZone",
+        "BEGIN; SET DateStyle = 'German'; COMMIT",
+        "BEGIN; RESET ALL; ROLLBACK",
+        "RESET ALL; SET DateStyle = 'ISO, MDY'",
+        "SHOW DateStyle",
+        "RESET ALL",
+    ] {
+        let want = all(&mut d, b).await;
+        let got = all(&mut a, b).await;
+        assert_eq!(got, want, "{b}");
+        // What the client has been told when its ReadyForQuery arrives.
+        assert_eq!(reported(&a), reported(&d), "after {b}");
+        // Another client on the same server connection with the server's defaults.
+        all(&mut other, "SELECT 1").await;
+        let got = all(&mut a, "SHOW DateStyle; SHOW TimeZone").await;
+        assert_eq!(
+            got,
+            all(&mut d, "SHOW DateStyle; SHOW TimeZone").await,
+            "{b}"
+        );
+        assert_eq!(
+            reported(&a),
+            reported(&d),
+            "after {b}, on a switched server"
+        );
+    }
     proxy.shutdown().await;
 }
 

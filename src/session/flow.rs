@@ -252,7 +252,6 @@ impl Session {
                 s.broken = true;
             }
             self.st.server_fatal = false;
-            self.st.fatal_softened = false;
             self.st.status = b'I';
             return;
         }
@@ -262,11 +261,12 @@ impl Session {
     }
 
     /// The server died under a query. Transaction pooling outside a transaction: the client
-    /// gets an error for each batch it waits on (the server's own reason, softened from FATAL
-    /// by the relay, or 08006) and carries on with a fresh server. Inside a transaction it is
-    /// disconnected, since running its later statements outside the lost transaction would
-    /// break atomicity; in session mode too, since its session state (prepared statements,
-    /// settings, temporary tables) died with the server, as a direct connection would.
+    /// gets 08006 for each batch it waits on and carries on with a fresh server. Inside a
+    /// transaction it is disconnected, since running its later statements outside the lost
+    /// transaction would break atomicity; in session mode too, since its session state
+    /// (prepared statements, settings, temporary tables) died with the server; and when the
+    /// server's own FATAL already reached it, since every client takes a FATAL to mean its
+    /// connection is over. In each case it is what a direct connection would see.
     async fn server_lost(&mut self) -> bool {
         if let Some(mut s) = self.server.take() {
             s.broken = true;
@@ -277,8 +277,12 @@ impl Session {
         let owed = self.st.abandon_server();
         self.st.status = b'I';
         self.st.s2c.clear();
-        let softened = std::mem::take(&mut self.st.fatal_softened);
-        if self.cfg.pool_mode == PoolMode::Session && !softened {
+        if self.st.server_fatal {
+            // The client has the server's reason (e.g. 57P01 from pg_terminate_backend).
+            self.st.server_fatal = false;
+            return false;
+        }
+        if self.cfg.pool_mode == PoolMode::Session {
             startup::send_fatal(
                 &mut self.client,
                 "08006",
@@ -309,11 +313,8 @@ impl Session {
         // Nothing owed: the server closed right after its last ReadyForQuery (e.g. a fast
         // shutdown). The client waits on nothing, and an unasked ReadyForQuery would break
         // its protocol state.
-        for i in 0..owed {
-            // The first batch already has its error when the server said why it went.
-            if i > 0 || !softened {
-                lost(&mut b);
-            }
+        for _ in 0..owed {
+            lost(&mut b);
             protocol::ready_for_query(&mut b, b'I');
         }
         if self.st.discarding {

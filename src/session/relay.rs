@@ -65,9 +65,6 @@ pub struct RelayState {
     pub client_eof: bool,
     /// The server reported a FATAL error: do not reuse the connection.
     pub server_fatal: bool,
-    /// A server FATAL was passed on as ERROR: the session goes on (transaction pooling,
-    /// outside a transaction), so the client must not take it as the end of its connection.
-    pub fatal_softened: bool,
     /// Replace the next 57014 ErrorResponse with the proxy's own timeout message.
     pub rewrite_cancel: Option<&'static str>,
     /// Client bytes are being dropped until the current batch ends (after a refusal).
@@ -120,7 +117,6 @@ impl RelayState {
             terminated: false,
             client_eof: false,
             server_fatal: false,
-            fatal_softened: false,
             rewrite_cancel: None,
             discarding: false,
             discard_done: false,
@@ -171,7 +167,7 @@ impl RelayState {
             && self
                 .sscan
                 .current_tag()
-                .is_some_and(|t| self.expect.holds(t))
+                .is_some_and(|t| self.expect.holds(t) || t == b'S' || t == b'Z')
         {
             self.s2c.end - self.sscan.partial_len().min(self.s2c.len())
         } else {
@@ -432,9 +428,10 @@ impl RelayState {
         let mut at = from;
         loop {
             let mut rewrite: Option<(usize, usize)> = None;
-            let mut soften: Option<(usize, usize, bytes::BytesMut)> = None;
-            let soften_on = self.rewrite_on;
+            let pooled = self.rewrite_on;
             let mut strip: Option<(usize, usize)> = None;
+            // A ParameterStatus to tell the client with another value.
+            let mut status_rw: Option<(usize, usize, bytes::BytesMut)> = None;
             let want_rewrite = self.rewrite_cancel.is_some();
             let pos = self.s2c.pos;
             let pending = &mut self.pending;
@@ -459,7 +456,21 @@ impl RelayState {
                 match ev.tag {
                     b'S' => {
                         if let Some(body) = ev.body {
-                            params.on_status(body);
+                            let name = body.split(|&b| b == 0).next().unwrap_or_default();
+                            if let Some(v) = params.on_status(body) {
+                                let end = at + ev.end;
+                                let start = end - (5 + ev.len);
+                                if start >= pos {
+                                    let mut m = bytes::BytesMut::new();
+                                    protocol::parameter_status(
+                                        &mut m,
+                                        &String::from_utf8_lossy(name),
+                                        v,
+                                    );
+                                    status_rw = Some((start, end, m));
+                                    return ControlFlow::Break(());
+                                }
+                            }
                         }
                     }
                     b'G' => *copy_in = true,
@@ -470,6 +481,19 @@ impl RelayState {
                             *status = s;
                         }
                         expect.on_ready(*status, stmts);
+                        let end = at + ev.end;
+                        let start = end - (5 + ev.len);
+                        if *saw_error || *status == b'E' {
+                            // The RESET may have been rolled back: the read-back tells.
+                            params.before_ready_skip();
+                        } else if start >= pos {
+                            let mut m = bytes::BytesMut::new();
+                            params.before_ready(&mut m);
+                            if !m.is_empty() {
+                                status_rw = Some((start, start, m));
+                                return ControlFlow::Break(());
+                            }
+                        }
                     }
                     b'1' | b'3' | b'C' if expect.on_complete(ev.tag, stmts) == Verdict::Strip => {
                         let end = at + ev.end;
@@ -487,11 +511,7 @@ impl RelayState {
                             let f = protocol::parse_error_fields(body);
                             if f.severity == "FATAL" || f.severity == "PANIC" {
                                 *fatal = true;
-                                // Transaction pooling outside a transaction: the session
-                                // carries on with another server, so the client gets the
-                                // server's reason as an ERROR (a FATAL means "connection
-                                // over" to every client library).
-                                if soften_on && *pending == 0 {
+                                if pooled && *pending == 0 {
                                     // After the last owed ReadyForQuery: the pooled server
                                     // is going away on its own (a shutdown); the client
                                     // asked nothing and must not get an unasked answer.
@@ -500,22 +520,6 @@ impl RelayState {
                                     if start >= pos {
                                         strip = Some((start, end));
                                         return ControlFlow::Break(());
-                                    }
-                                }
-                                if soften_on && *status == b'I' && rewrite.is_none() {
-                                    if let Some(st) = ev.start.map(|s| at + s) {
-                                        if st >= pos {
-                                            let mut m = bytes::BytesMut::new();
-                                            protocol::error_response(
-                                                &mut m,
-                                                protocol::Severity::Error,
-                                                &f.code,
-                                                &f.message,
-                                                None,
-                                            );
-                                            soften = Some((st, at + ev.end, m));
-                                            return ControlFlow::Break(());
-                                        }
                                     }
                                 }
                             }
@@ -535,8 +539,7 @@ impl RelayState {
                 protocol::error_response(&mut m, protocol::Severity::Error, "57014", msg, None);
                 self.s2c.splice(s, e, &m);
             }
-            if let Some((s, e, m)) = soften {
-                self.fatal_softened = true;
+            if let Some((s, e, m)) = status_rw {
                 let next = at + n;
                 self.s2c.splice(s, e, &m);
                 at = next - (e - s) + m.len();

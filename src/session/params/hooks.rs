@@ -230,6 +230,9 @@ impl Session {
         };
         self.st.params = Tracker::new(mode, startup_set(canonical, server));
         if mode == Mode::Transaction {
+            self.st.params.set_defaults(server);
+        }
+        if mode == Mode::Transaction {
             // Query and Parse texts are looked at for SET, RESET and DISCARD; Bind and
             // Close for statements prepared from such texts.
             self.st.cscan = FrameScanner::new(b"QPBC");

@@ -106,6 +106,16 @@ pub struct Tracker {
     announce: u16,
     /// Client statement names whose text may change a setting (extended protocol).
     set_stmts: Vec<(Vec<u8>, Hit)>,
+    /// What a fresh server connection reports for each parameter (its reset values).
+    /// Boxed: sessions in session mode, most of them, never use it.
+    defaults: Option<Box<ParamSet>>,
+    /// Parameters whose ParameterStatus was rewritten to the startup value (bit per
+    /// position) since the last read-back.
+    rewritten: u16,
+    /// Parameters RESET by the client's current batch (bit per position): a ParameterStatus
+    /// giving the server's default is that RESET's, and the client is told its startup
+    /// value instead, before the batch's ReadyForQuery.
+    reset_now: u16,
 }
 
 impl Tracker {
@@ -138,7 +148,11 @@ impl Tracker {
             return;
         };
         match tag {
-            b'Q' => self.mark(sql::classify(cstr(body).0)),
+            b'Q' => {
+                let text = cstr(body).0;
+                self.mark(sql::classify(text));
+                self.reset_now |= sql::reset_targets(text);
+            }
             b'P' => {
                 let (name, rest) = cstr(body);
                 let hit = sql::classify(cstr(rest).0);
@@ -168,22 +182,83 @@ impl Tracker {
         self.dirty |= hit != Hit::None;
     }
 
-    /// A ParameterStatus from the server during the client's batches.
-    pub fn on_status(&mut self, body: &[u8]) {
+    /// Records what a fresh server connection reports (`server`: its ParameterStatus set).
+    pub fn set_defaults(&mut self, server: &[(String, String)]) {
+        let mut d = ParamSet::default();
+        for (k, v) in server {
+            if let Some(i) = index(k) {
+                d.set(i, Some(v));
+            }
+        }
+        self.defaults = Some(Box::new(d));
+    }
+
+    fn default_value(&self, i: usize) -> Option<&str> {
+        self.defaults.as_ref().and_then(|d| d.get(i))
+    }
+
+    /// A ParameterStatus from the server during the client's batches. Returns the value
+    /// the client is to be told instead of the server's: after a RESET the server reports
+    /// its own default, while the client's value is its startup value (as PostgreSQL would
+    /// report it directly); the server's record keeps the server's value.
+    pub fn on_status(&mut self, body: &[u8]) -> Option<&str> {
         if !self.following() {
-            return;
+            return None;
         }
         let (name, rest) = cstr(body);
         let value = cstr(rest).0;
         let (Ok(name), Ok(value)) = (std::str::from_utf8(name), std::str::from_utf8(value)) else {
-            return;
+            return None;
         };
-        if let Some(i) = index(name) {
-            if self.current.get(i) != Some(value) {
-                self.current.set(i, Some(value));
-                self.changed = true;
+        let i = index(name)?;
+        if self.current.get(i) != Some(value) {
+            self.current.set(i, Some(value));
+            self.changed = true;
+        }
+        let reset = self.reset_now & (1 << i) != 0
+            && self.default_value(i) == Some(value)
+            && self.startup.get(i).is_some_and(|s| s != value);
+        if reset {
+            self.rewritten |= 1 << i;
+            self.startup.get(i)
+        } else {
+            self.rewritten &= !(1 << i);
+            None
+        }
+    }
+
+    /// The client's batch got a ReadyForQuery: ParameterStatus messages to put ahead of it
+    /// for parameters the batch RESET that the client was not told its startup value of
+    /// (the server reports nothing when its value did not change, e.g. after an explicit
+    /// SET to the server's default).
+    pub fn before_ready(&mut self, out: &mut bytes::BytesMut) {
+        if !self.following() || self.reset_now == 0 {
+            return;
+        }
+        let targets = std::mem::take(&mut self.reset_now);
+        for (i, name) in TRACKED.iter().enumerate() {
+            let Some(start) = self.startup.get(i) else {
+                continue;
+            };
+            if targets & (1 << i) == 0 || self.default_value(i).is_none() {
+                continue;
+            }
+            let told = if self.rewritten & (1 << i) != 0 {
+                Some(start)
+            } else {
+                self.current.get(i)
+            };
+            if told != Some(start) {
+                protocol::parameter_status(out, name, start);
+                self.rewritten |= 1 << i;
             }
         }
+    }
+
+    /// The batch's RESETs may not have taken effect (an error): tell nothing before its
+    /// ReadyForQuery; the read-back decides.
+    pub fn before_ready_skip(&mut self) {
+        self.reset_now = 0;
     }
 
     pub fn stripping(&self) -> bool {
@@ -262,12 +337,21 @@ impl Tracker {
     /// client's values applied: it returns to the client's startup value, as in
     /// PostgreSQL, which the next batch then applies.
     pub fn apply_read_back(&mut self, actual: ParamSet) -> ParamSet {
+        let rewritten = std::mem::take(&mut self.rewritten);
         for i in 0..TRACKED.len() {
+            let new = actual.get(i).or(self.startup.get(i));
+            // What the client was last told: the startup value where a ParameterStatus was
+            // rewritten, else the value the server reported (or the proxy announced).
+            let told = if rewritten & (1 << i) != 0 {
+                self.startup.get(i)
+            } else {
+                self.current.get(i)
+            };
             let back = actual.get(i).is_none() && self.startup.get(i).is_some();
-            if back && self.current.get(i) != self.startup.get(i) {
+            if (back || rewritten & (1 << i) != 0) && told != new {
                 self.announce |= 1 << i;
             }
-            self.current.set(i, actual.get(i).or(self.startup.get(i)));
+            self.current.set(i, new);
         }
         self.dirty = false;
         self.changed = false;
@@ -286,6 +370,8 @@ impl Tracker {
     pub fn forget_dirty(&mut self) {
         self.dirty = false;
         self.changed = false;
+        self.rewritten = 0;
+        self.reset_now = 0;
     }
 }
 

@@ -28,6 +28,10 @@ pub fn classify(sql: &[u8]) -> Hit {
                         .iter()
                         .any(|k| n.eq_ignore_ascii_case(k))
                 });
+                if !scoped && to_default(&sql[at..]) {
+                    // `SET x TO DEFAULT` is a RESET.
+                    return Hit::Reset;
+                }
                 if !scoped && hit == Hit::None {
                     hit = Hit::Set;
                 }
@@ -48,6 +52,68 @@ pub fn classify(sql: &[u8]) -> Hit {
         hit = Hit::Set;
     }
     hit
+}
+
+/// The statement at the start of `s` (up to its `;`) ends with the word DEFAULT.
+fn to_default(s: &[u8]) -> bool {
+    let stmt = memchr::memchr(b';', s)
+        .map_or(s, |n| &s[..n])
+        .trim_ascii_end();
+    stmt.len() > 7
+        && stmt[stmt.len() - 7..].eq_ignore_ascii_case(b"default")
+        && !is_word(stmt[stmt.len() - 8])
+        && !matches!(stmt[stmt.len() - 8], b'\'' | b'"')
+}
+
+/// The tracked parameters (bit per position) a text RESETs: `RESET name`, `RESET ALL`,
+/// `DISCARD ALL`, `SET name TO DEFAULT`, unless a later `SET` gives one a value. Nothing
+/// when the text may roll back (ROLLBACK, ABORT): then the read-back decides.
+pub fn reset_targets(sql: &[u8]) -> u16 {
+    let all = (1u16 << TRACKED.len()) - 1;
+    let mut out = 0u16;
+    let mut at = 0;
+    loop {
+        let s = &sql[at..];
+        if let Some((w, rest)) = word(s) {
+            if w.eq_ignore_ascii_case(b"rollback") || w.eq_ignore_ascii_case(b"abort") {
+                // A RESET may be undone: the read-back tells.
+                return 0;
+            }
+            let next = word(rest);
+            let bit = |n: &[u8]| {
+                std::str::from_utf8(n)
+                    .ok()
+                    .and_then(index)
+                    .map_or(0, |i| 1u16 << i)
+            };
+            if w.eq_ignore_ascii_case(b"reset") || w.eq_ignore_ascii_case(b"discard") {
+                match next {
+                    Some((n, _)) if n.eq_ignore_ascii_case(b"all") => out |= all,
+                    Some((n, _)) if w.eq_ignore_ascii_case(b"reset") => out |= bit(n),
+                    _ => {}
+                }
+            } else if w.eq_ignore_ascii_case(b"set") {
+                let b = match next {
+                    Some((n, r)) if n.eq_ignore_ascii_case(b"session") => {
+                        word(r).map_or(0, |(n, _)| bit(n))
+                    }
+                    Some((n, _)) => bit(n),
+                    None => 0,
+                };
+                // A later SET of a RESET parameter: its value is what the server reports.
+                if to_default(s) {
+                    out |= b;
+                } else {
+                    out &= !b;
+                }
+            }
+        }
+        match memchr::memchr(b';', &sql[at..]) {
+            Some(i) => at += i + 1,
+            None => break,
+        }
+    }
+    out
 }
 
 fn is_word(b: u8) -> bool {
@@ -277,6 +343,28 @@ mod tests {
             Hit::Set
         );
         assert_eq!(classify(b"reset all"), Hit::Reset);
+        assert_eq!(classify(b"SET TimeZone TO DEFAULT"), Hit::Reset);
+        assert_eq!(classify(b"set a = default ; select 1"), Hit::Reset);
+        assert_eq!(classify(b"SET a = 'default'"), Hit::Set);
+        let tz = 1 << index("TimeZone").unwrap();
+        let ds = 1 << index("DateStyle").unwrap();
+        assert_eq!(
+            reset_targets(b"RESET timezone; set DateStyle to default"),
+            tz | ds
+        );
+        assert_eq!(
+            reset_targets(b"SELECT 1; DISCARD ALL"),
+            (1 << TRACKED.len()) - 1
+        );
+        assert_eq!(
+            reset_targets(b"RESET enable_seqscan; SET TimeZone = 'UTC'"),
+            0
+        );
+        assert_eq!(reset_targets(b"BEGIN; RESET ALL; ROLLBACK"), 0);
+        assert_eq!(
+            reset_targets(b"RESET TimeZone; RESET DateStyle; SET DateStyle = 'ISO, MDY'"),
+            tz
+        );
         assert_eq!(classify(b"SET a = 1; DISCARD ALL"), Hit::Reset);
         assert_eq!(
             classify(b"SELECT pg_catalog.SET_CONFIG('a', 'b', false)"),

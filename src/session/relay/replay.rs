@@ -196,7 +196,6 @@ impl RelayState {
         self.params.abandon();
         self.saw_error = false;
         self.server_fatal = false;
-        self.fatal_softened = false;
         self.rewrite_cancel = None;
         self.status = b'I';
         true
