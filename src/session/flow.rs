@@ -252,6 +252,7 @@ impl Session {
                 s.broken = true;
             }
             self.st.server_fatal = false;
+            self.st.fatal_to_client = false;
             self.st.status = b'I';
             return;
         }
@@ -277,7 +278,7 @@ impl Session {
         let owed = self.st.abandon_server();
         self.st.status = b'I';
         self.st.s2c.clear();
-        if self.st.server_fatal {
+        if std::mem::take(&mut self.st.fatal_to_client) {
             // The client has the server's reason (e.g. 57P01 from pg_terminate_backend).
             self.st.server_fatal = false;
             return false;

@@ -68,6 +68,7 @@ impl Session {
             .await;
         }
         self.st.server_fatal = false;
+        self.st.fatal_to_client = false;
         false
     }
 }

@@ -65,6 +65,8 @@ pub struct RelayState {
     pub client_eof: bool,
     /// The server reported a FATAL error: do not reuse the connection.
     pub server_fatal: bool,
+    /// That FATAL was passed on to the client (not removed as a pooled server's own).
+    pub fatal_to_client: bool,
     /// Replace the next 57014 ErrorResponse with the proxy's own timeout message.
     pub rewrite_cancel: Option<&'static str>,
     /// Client bytes are being dropped until the current batch ends (after a refusal).
@@ -117,6 +119,7 @@ impl RelayState {
             terminated: false,
             client_eof: false,
             server_fatal: false,
+            fatal_to_client: false,
             rewrite_cancel: None,
             discarding: false,
             discard_done: false,
@@ -429,6 +432,7 @@ impl RelayState {
         loop {
             let mut rewrite: Option<(usize, usize)> = None;
             let pooled = self.rewrite_on;
+            let to_client = &mut self.fatal_to_client;
             let mut strip: Option<(usize, usize)> = None;
             // A ParameterStatus to tell the client with another value.
             let mut status_rw: Option<(usize, usize, bytes::BytesMut)> = None;
@@ -511,7 +515,9 @@ impl RelayState {
                             let f = protocol::parse_error_fields(body);
                             if f.severity == "FATAL" || f.severity == "PANIC" {
                                 *fatal = true;
+                                *to_client = true;
                                 if pooled && *pending == 0 {
+                                    *to_client = false;
                                     // After the last owed ReadyForQuery: the pooled server
                                     // is going away on its own (a shutdown); the client
                                     // asked nothing and must not get an unasked answer.

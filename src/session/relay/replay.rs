@@ -196,6 +196,7 @@ impl RelayState {
         self.params.abandon();
         self.saw_error = false;
         self.server_fatal = false;
+        self.fatal_to_client = false;
         self.rewrite_cancel = None;
         self.status = b'I';
         true
