@@ -194,8 +194,7 @@ impl Session {
                 // Boxed: the read-back is rare and would otherwise enlarge every session's future.
                 Box::pin(self.params_after_batch()).await;
                 drop(permit);
-                self.after_idle();
-                true
+                self.after_idle()
             }
             RelayEvent::ClientGone => {
                 drop(permit);
@@ -246,19 +245,21 @@ impl Session {
     }
 
     /// After a batch completes: give the server back when the transaction is over.
-    fn after_idle(&mut self) {
+    /// False when the session is over: the client received its server's FATAL.
+    fn after_idle(&mut self) -> bool {
         if self.st.server_fatal {
             if let Some(mut s) = self.server.take() {
                 s.broken = true;
             }
             self.st.server_fatal = false;
-            self.st.fatal_to_client = false;
             self.st.status = b'I';
-            return;
+            // A FATAL means "connection over" to the client, as on a direct connection.
+            return !std::mem::take(&mut self.st.fatal_to_client);
         }
         if self.cfg.pool_mode == PoolMode::Transaction && self.st.status == b'I' {
             self.server = None;
         }
+        true
     }
 
     /// The server died under a query. Transaction pooling outside a transaction: the client

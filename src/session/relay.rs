@@ -516,7 +516,7 @@ impl RelayState {
                             if f.severity == "FATAL" || f.severity == "PANIC" {
                                 *fatal = true;
                                 *to_client = true;
-                                if pooled && *pending == 0 {
+                                if pooled && *pending == 0 && *status == b'I' {
                                     *to_client = false;
                                     // After the last owed ReadyForQuery: the pooled server
                                     // is going away on its own (a shutdown); the client
