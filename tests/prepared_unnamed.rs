@@ -13,60 +13,7 @@
 
 mod common;
 
-use std::net::SocketAddr;
-
-use common::raw::{essential, Got, RawClient};
-use common::{cluster, TestProxy};
-
-/// One step: which client, what it sends, how many ReadyForQuery end its answer.
-struct Step {
-    client: usize,
-    what: &'static str,
-    readies: usize,
-    send: fn(&mut RawClient),
-}
-
-fn step(client: usize, what: &'static str, readies: usize, send: fn(&mut RawClient)) -> Step {
-    Step {
-        client,
-        what,
-        readies,
-        send,
-    }
-}
-
-async fn run(addr: SocketAddr, clients: usize, steps: &[Step]) -> Vec<Vec<Got>> {
-    let mut cs = Vec::new();
-    for _ in 0..clients {
-        cs.push(RawClient::connect(addr).await);
-    }
-    let mut out = Vec::new();
-    for s in steps {
-        let c = &mut cs[s.client];
-        (s.send)(c);
-        let mut got = c.roundtrip().await;
-        for _ in 1..s.readies {
-            got.extend(c.until(|g| matches!(g, Got::Ready(_))).await);
-        }
-        out.push(essential(&got));
-    }
-    out
-}
-
-async fn differential(proxy_flags: &[&str], clients: usize, steps: &[Step]) {
-    let pg = cluster().await;
-    let direct = run(pg.addr(), clients, steps).await;
-    let proxy = TestProxy::start(&pg, proxy_flags).await;
-    let pooled = run(proxy.addr(), clients, steps).await;
-    for ((s, d), p) in steps.iter().zip(&direct).zip(&pooled) {
-        assert_eq!(
-            p, d,
-            "step {:?} of client {}: through pgsluice (left) and direct (right) differ",
-            s.what, s.client
-        );
-    }
-    proxy.shutdown().await;
-}
+use common::steps::{differential, step};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unnamed_statement_stays_with_its_client() {
@@ -164,6 +111,7 @@ async fn unnamed_statement_stays_with_its_client() {
             ],
             3,
             &steps,
+            false,
         )
         .await;
     }
@@ -260,6 +208,7 @@ async fn sql_deallocate_and_discard_act_on_client_names() {
         ],
         3,
         &steps,
+        false,
     )
     .await;
 }
@@ -343,6 +292,7 @@ async fn discard_all_after_a_comment_or_as_a_later_statement() {
         &["--pool-mode", "transaction", "--pool-size", "1"],
         2,
         &steps,
+        false,
     )
     .await;
 }

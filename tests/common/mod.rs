@@ -8,6 +8,7 @@ pub mod proxy;
 pub mod raw;
 pub mod raw_simple;
 pub mod shim;
+pub mod steps;
 
 pub use pg::{connect, try_connect, HostAuth, TempPostgres};
 pub use process::ProxyProcess;
