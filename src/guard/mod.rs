@@ -26,8 +26,9 @@
 //! identity, who still have time left to make use of them; the moment the queue empties,
 //! service returns to FIFO. A short burst that drains within the interval is absorbed
 //! whole, in order. So under sustained overload a query waits about `max(codel_interval,
-//! codel_target)` at most (100 ms by default); `queue_timeout` bounds waits in bursts and
-//! during a pause.
+//! codel_target)` at most (100 ms by default) while clients are abandoning work (the
+//! waste gate below); `queue_timeout` bounds waits in bursts, in stable queues and during a
+//! pause.
 //!
 //! Under sustained overload the guard sheds requests rather than individual queries. An
 //! application request is usually several queries in a row on one connection; refusing the
