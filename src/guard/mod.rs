@@ -303,7 +303,17 @@ impl Permit {
         Some(Lease {
             guard: self.guard.clone(),
             pool: self.grant.pool.clone(),
+            held: true,
         })
+    }
+
+    /// Gives `lease` back with this slot, so that dropping the permit frees both under one
+    /// lock. The lease's connection must already be back in the pool.
+    pub fn return_lease(&mut self, mut lease: Lease) {
+        if lease.held && Arc::ptr_eq(&lease.guard, &self.guard) && lease.pool == self.grant.pool {
+            lease.held = false;
+            self.grant.lease = true;
+        }
     }
 }
 
@@ -313,11 +323,15 @@ impl Permit {
 pub struct Lease {
     guard: Arc<Guard>,
     pool: Arc<str>,
+    /// False once handed back to a permit (`Permit::return_lease`).
+    held: bool,
 }
 
 impl Drop for Lease {
     fn drop(&mut self) {
-        self.guard.release_lease(&self.pool);
+        if self.held {
+            self.guard.release_lease(&self.pool);
+        }
     }
 }
 

@@ -262,6 +262,15 @@ pub struct Leased {
     _lease: Lease,
 }
 
+impl Leased {
+    /// Returns the connection to the pool and keeps the lease (to be freed by its permit).
+    pub fn into_lease(self) -> Lease {
+        let Leased { conn, _lease } = self;
+        drop(conn);
+        _lease
+    }
+}
+
 impl std::ops::Deref for Leased {
     type Target = ServerConn;
     fn deref(&self) -> &ServerConn {

@@ -193,8 +193,7 @@ impl Session {
                 self.shared.observe_query(&self.pool, outcome, t0.elapsed());
                 // Boxed: the read-back is rare and would otherwise enlarge every session's future.
                 Box::pin(self.params_after_batch()).await;
-                drop(permit);
-                self.after_idle()
+                self.after_idle(permit)
             }
             RelayEvent::ClientGone => {
                 drop(permit);
@@ -246,7 +245,7 @@ impl Session {
 
     /// After a batch completes: give the server back when the transaction is over.
     /// False when the session is over: the client received its server's FATAL.
-    fn after_idle(&mut self) -> bool {
+    fn after_idle(&mut self, mut permit: Permit) -> bool {
         if self.st.server_fatal {
             if let Some(mut s) = self.server.take() {
                 s.broken = true;
@@ -257,8 +256,12 @@ impl Session {
             return !std::mem::take(&mut self.st.fatal_to_client);
         }
         if self.cfg.pool_mode == PoolMode::Transaction && self.st.status == b'I' {
-            self.server = None;
+            // The slot and the connection's lease go back under one guard lock.
+            if let Some(s) = self.server.take() {
+                permit.return_lease(s.into_lease());
+            }
         }
+        drop(permit);
         true
     }
 

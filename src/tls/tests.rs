@@ -246,7 +246,8 @@ async fn session_future_size() {
     // 4,120 bytes before TLS support (the handshake state is boxed so it adds nothing);
     // 4,416 with session-parameter tracking (its value sets are sparse vectors and its
     // rare async steps are boxed); 4,440 with the resend of a batch whose server was dead
-    // (its state boxed behind one pointer). Growth past that should be a decision, not an
-    // accident.
-    assert!(size <= 4440, "session future grew to {size} bytes");
+    // (its state boxed behind one pointer); 4,448 when the slot and the connection lease are
+    // freed under one guard lock at the end of a transaction. Growth past that should be a
+    // decision, not an accident.
+    assert!(size <= 4448, "session future grew to {size} bytes");
 }
