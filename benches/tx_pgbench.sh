@@ -86,6 +86,10 @@ for c in $CLIENTS; do
             if [[ $target == direct ]]; then port=$PGPORT; else port=${PROXY_PORT[$target]}; fi
             read -r tps failed aborted < <(run "$port" "$c")
             TPS[$target]+="$tps "
+            # A run that completed nothing (no tps line: pgbench could not connect) fails too.
+            if [[ $target != direct && $target != pgbouncer ]] && awk -v t="$tps" 'BEGIN { exit !(t <= 0) }'; then
+                bad=1
+            fi
             FAILED[$target]=$((${FAILED[$target]:-0} + failed))
             ABORTED[$target]=$((${ABORTED[$target]:-0} + aborted))
         done
