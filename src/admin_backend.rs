@@ -60,6 +60,10 @@ impl AdminBackend for Backend {
     fn reload(&self) -> Result<(), String> {
         self.0.reload()
     }
+
+    fn refresh_gauges(&self) {
+        self.0.export_gauges();
+    }
 }
 
 pub async fn serve(listener: TcpListener, shared: Arc<Shared>, prometheus: PrometheusHandle) {

@@ -2,6 +2,7 @@
 
 use clap::Parser;
 use pgsluice::config::{Cli, Command, Config, LogFormat};
+use std::io::IsTerminal;
 use std::process::ExitCode;
 
 fn init_tracing(format: LogFormat) {
@@ -9,7 +10,9 @@ fn init_tracing(format: LogFormat) {
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let b = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(std::io::stderr)
+        // Colour codes only for a person at a terminal; files, pipes and journald get text.
+        .with_ansi(std::io::stderr().is_terminal());
     match format {
         LogFormat::Json => b.json().init(),
         LogFormat::Text => b.init(),

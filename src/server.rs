@@ -200,7 +200,9 @@ impl Shared {
         }
     }
 
-    fn export_gauges(&self) {
+    /// Samples the connection gauges (also at every scrape, so a new pool's series show at
+    /// once instead of after the next health check).
+    pub(crate) fn export_gauges(&self) {
         let total = self.clients_total.load(Ordering::Relaxed);
         let waiting = self.clients_waiting.load(Ordering::Relaxed);
         let active = self.clients_active.load(Ordering::Relaxed);

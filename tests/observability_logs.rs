@@ -45,24 +45,14 @@ async fn metric(admin: SocketAddr, series: &str) -> f64 {
         .unwrap_or(0.0)
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn json_logs_sighup_reload_and_sigterm() {
-    let pg = tokio::task::spawn_blocking(TempPostgres::new)
-        .await
-        .unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let file = dir.path().join("pgsluice.toml");
-    std::fs::write(&file, "max-active = 2\n").unwrap();
+/// Starts the binary on free loopback ports with stderr captured by a reader thread.
+fn spawn(args: &[&str]) -> (Child, std::thread::JoinHandle<String>, u16, SocketAddr) {
     let (port, admin_port) = (free_port(), free_port());
     let admin: SocketAddr = ([127, 0, 0, 1], admin_port).into();
     let mut child = Command::new(env!("CARGO_BIN_EXE_pgsluice"))
         .args(["--listen", &format!("127.0.0.1:{port}")])
         .args(["--admin-listen", &admin.to_string()])
-        .args(["--upstream", &pg.url()])
-        .args(["--log-format", "json", "--health-interval", "200ms"])
-        .args(["--queue-timeout", "300ms"])
-        .arg("--config")
-        .arg(&file)
+        .args(args)
         .env_remove("PGSLUICE_LOG")
         .stdin(Stdio::null())
         .stdout(Stdio::null())
@@ -75,21 +65,62 @@ async fn json_logs_sighup_reload_and_sigterm() {
         let _ = stderr.read_to_string(&mut s);
         s
     });
+    (child, reader, port, admin)
+}
 
-    // Ready once the upstream answered a health check.
+/// Ready once the upstream answered a health check.
+async fn wait_ready(child: &mut Child, admin: SocketAddr) {
     let t0 = Instant::now();
     loop {
         if tokio::net::TcpStream::connect(admin).await.is_ok()
             && http_request(admin, "GET", "/readyz").await.0 == 200
         {
-            break;
+            return;
         }
         if t0.elapsed() > Duration::from_secs(10) {
             let _ = child.kill();
-            panic!("not ready in 10 s: {}", reader.join().unwrap_or_default());
+            panic!("not ready in 10 s");
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+async fn stop(mut child: Child, reader: std::thread::JoinHandle<String>) -> String {
+    signal(&child, libc::SIGTERM);
+    let status =
+        tokio::task::spawn_blocking(move || wait_exit(&mut child, Duration::from_secs(10)))
+            .await
+            .unwrap();
+    let logs = reader.join().expect("stderr reader");
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "exit {status:?}:\n{logs}"
+    );
+    logs
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn json_logs_sighup_reload_and_sigterm() {
+    let pg = tokio::task::spawn_blocking(TempPostgres::new)
+        .await
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("pgsluice.toml");
+    std::fs::write(&file, "max-active = 2\n").unwrap();
+    let (mut child, reader, port, admin) = spawn(&[
+        "--upstream",
+        &pg.url(),
+        "--log-format",
+        "json",
+        "--health-interval",
+        "200ms",
+        "--queue-timeout",
+        "300ms",
+        "--config",
+        file.to_str().unwrap(),
+    ]);
+    let t0 = Instant::now();
+    wait_ready(&mut child, admin).await;
 
     let url = format!("postgres://postgres@127.0.0.1:{port}/postgres?application_name=logtest");
     eprintln!("ready after {:?}", t0.elapsed());
@@ -120,17 +151,8 @@ async fn json_logs_sighup_reload_and_sigterm() {
     drop(c);
 
     let stopping = Instant::now();
-    signal(&child, libc::SIGTERM);
-    let status =
-        tokio::task::spawn_blocking(move || wait_exit(&mut child, Duration::from_secs(10)))
-            .await
-            .unwrap();
-    let logs = reader.join().expect("stderr reader");
+    let logs = stop(child, reader).await;
     eprintln!("exited {:?} after SIGTERM", stopping.elapsed());
-    assert!(
-        status.is_some_and(|s| s.success()),
-        "exit {status:?}:\n{logs}"
-    );
 
     let lines: Vec<serde_json::Value> = logs
         .lines()
@@ -168,5 +190,39 @@ async fn json_logs_sighup_reload_and_sigterm() {
             .as_str()
             .is_some_and(|p| p.starts_with("127.0.0.1:")),
         "{shed}"
+    );
+}
+
+/// Text logs to a pipe carry no colour codes, and a pool's connection gauges are in the first
+/// scrape after its first query (the health loop, which also samples them, is 60 s away).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn text_logs_to_a_pipe_are_plain_and_gauges_are_fresh_at_scrape() {
+    let pg = tokio::task::spawn_blocking(TempPostgres::new)
+        .await
+        .unwrap();
+    let (mut child, reader, port, admin) = spawn(&[
+        "--upstream",
+        &pg.url(),
+        "--log-format",
+        "text",
+        "--health-interval",
+        "60s",
+    ]);
+    wait_ready(&mut child, admin).await;
+    let url = format!("postgres://postgres@127.0.0.1:{port}/postgres");
+    let c = connect(&url).await;
+    c.batch_execute("SELECT 1").await.unwrap();
+    let idle = metric(
+        admin,
+        "pgsluice_server_connections{pool=\"postgres/postgres\",state=\"idle\"}",
+    )
+    .await;
+    assert_eq!(idle, 1.0, "the pooled connection is idle after the query");
+    drop(c);
+    let logs = stop(child, reader).await;
+    assert!(logs.contains("upstream is up"), "{logs}");
+    assert!(
+        !logs.contains('\u{1b}'),
+        "ANSI escape in piped logs:\n{logs}"
     );
 }

@@ -42,6 +42,9 @@ pub trait AdminBackend: Send + Sync + 'static {
     fn resume(&self);
     /// `POST /reload`: the same as SIGHUP.
     fn reload(&self) -> Result<(), String>;
+    /// Brings gauges that are sampled rather than updated in place up to date; called before
+    /// every scrape so a scrape never shows a value older than itself.
+    fn refresh_gauges(&self) {}
 }
 
 #[derive(Debug, Clone, Default)]
@@ -108,6 +111,7 @@ fn router(state: Arc<AppState>) -> Router {
 }
 
 async fn metrics(State(s): State<Arc<AppState>>) -> Response {
+    s.backend.refresh_gauges();
     let body = s.metrics.render();
     ([(header::CONTENT_TYPE, METRICS_CONTENT_TYPE)], body).into_response()
 }
