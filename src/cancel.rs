@@ -31,8 +31,24 @@ struct EntryState {
     in_flight: usize,
 }
 
+/// Who a client is, for the admin console's `SHOW CLIENTS`.
+#[derive(Clone, Debug)]
+pub struct ClientInfo {
+    pub user: String,
+    pub database: String,
+    pub application_name: String,
+    pub peer: Option<SocketAddr>,
+    pub local: Option<SocketAddr>,
+    pub connected: std::time::SystemTime,
+    pub tls: bool,
+}
+
 /// One client's registration.
 pub struct CancelEntry {
+    /// Boxed: read only by the console, and every session holds its entry.
+    pub client: Box<ClientInfo>,
+    /// Microseconds since [`epoch`] when the client's query was queued; 0 when not queued.
+    pub queued_since: AtomicU64,
     pub pid: i32,
     /// Pool label of the client, for metrics.
     pub pool: Arc<str>,
@@ -78,6 +94,37 @@ impl CancelEntry {
     pub fn cancel_in_flight(&self) -> bool {
         self.state.lock().in_flight > 0
     }
+
+    /// The backend its query runs on and when that query started (also after it ended).
+    pub fn activity(&self) -> (Option<BackendTarget>, Option<std::time::Instant>) {
+        let s = self.state.lock();
+        (s.running, s.started)
+    }
+
+    /// Marks the client as queued from now (`true`) or no longer queued.
+    pub fn set_queued(&self, queued: bool) {
+        let at = if queued {
+            (epoch().elapsed().as_micros() as u64).max(1)
+        } else {
+            0
+        };
+        self.queued_since.store(at, Ordering::Relaxed);
+        self.queued.store(queued, Ordering::Release);
+    }
+
+    /// How long the client's query has been queued, if it is.
+    pub fn queued_for(&self) -> Option<Duration> {
+        match self.queued_since.load(Ordering::Relaxed) {
+            0 => None,
+            at => Some(epoch().elapsed().saturating_sub(Duration::from_micros(at))),
+        }
+    }
+}
+
+/// A fixed instant that queue times are counted from.
+fn epoch() -> std::time::Instant {
+    static EPOCH: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+    *EPOCH.get_or_init(std::time::Instant::now)
 }
 
 /// All connected clients, by proxy-issued pid.
@@ -104,7 +151,13 @@ impl CancelRegistry {
         }
     }
 
-    pub fn register(self: &Arc<Self>, pool: Arc<str>, identity: Arc<str>) -> Arc<CancelEntry> {
+    pub fn register(
+        self: &Arc<Self>,
+        pool: Arc<str>,
+        identity: Arc<str>,
+        client: ClientInfo,
+    ) -> Arc<CancelEntry> {
+        let client = Box::new(client);
         let mut entries = self.entries.lock();
         loop {
             // Positive, non-zero and unused: some clients treat pid 0 as "no key".
@@ -114,6 +167,8 @@ impl CancelRegistry {
                 continue;
             }
             let e = Arc::new(CancelEntry {
+                client: client.clone(),
+                queued_since: AtomicU64::new(0),
                 pid,
                 pool: pool.clone(),
                 identity: identity.clone(),
@@ -126,6 +181,13 @@ impl CancelRegistry {
             entries.insert(pid, e.clone());
             return e;
         }
+    }
+
+    /// Every registered client, in pid order.
+    pub fn all(&self) -> Vec<Arc<CancelEntry>> {
+        let mut v: Vec<_> = self.entries.lock().values().cloned().collect();
+        v.sort_by_key(|e| e.pid);
+        v
     }
 
     pub fn unregister(&self, pid: i32) {
@@ -218,13 +280,28 @@ pub async fn send_cancel(target: BackendTarget, timeout: Duration) -> std::io::R
 }
 
 #[cfg(test)]
+impl ClientInfo {
+    fn test() -> Self {
+        ClientInfo {
+            user: "u".into(),
+            database: "db".into(),
+            application_name: "app".into(),
+            peer: None,
+            local: None,
+            connected: std::time::SystemTime::now(),
+            tls: false,
+        }
+    }
+}
+
+#[cfg(test)]
 mod tests {
     use super::*;
 
     #[tokio::test]
     async fn wrong_secret_or_idle_is_dropped() {
         let reg = Arc::new(CancelRegistry::new());
-        let e = reg.register("db/u".into(), "app".into());
+        let e = reg.register("db/u".into(), "app".into(), ClientInfo::test());
         let secret = CancelRegistry::secret_of(&e);
         e.queued.store(true, Ordering::Release);
         assert_eq!(

@@ -132,6 +132,14 @@ pub struct Flags {
     /// Bearer token required by the admin API's mutating endpoints.
     #[arg(long, env = "PGSLUICE_ADMIN_TOKEN")]
     pub admin_token: Option<String>,
+    /// Users who may run every admin console command (database `pgsluice` or `pgbouncer`).
+    #[arg(long, env = "PGSLUICE_ADMIN_USERS", value_delimiter = ',')]
+    #[serde(default)]
+    pub admin_users: Vec<String>,
+    /// Users who may run the console's SHOW commands only.
+    #[arg(long, env = "PGSLUICE_STATS_USERS", value_delimiter = ',')]
+    #[serde(default)]
+    pub stats_users: Vec<String>,
     /// Consecutive upstream failures that open the circuit breaker.
     #[arg(long, env = "PGSLUICE_BREAKER_THRESHOLD")]
     pub breaker_threshold: Option<u32>,
@@ -281,6 +289,8 @@ pub struct Config {
     pub startup_timeout: Duration,
     pub shutdown_timeout: Duration,
     pub admin_token: Option<String>,
+    pub admin_users: Vec<String>,
+    pub stats_users: Vec<String>,
     pub breaker_threshold: u32,
     pub breaker_cooldown: Duration,
     pub breaker_max_cooldown: Duration,
@@ -431,6 +441,8 @@ impl Config {
             startup_timeout: dur("startup-timeout", pick!(startup_timeout), "15s")?,
             shutdown_timeout: dur("shutdown-timeout", pick!(shutdown_timeout), "30s")?,
             admin_token: pick!(admin_token).filter(|t| !t.is_empty()),
+            admin_users: flag_or_file(&flags.admin_users, &f.admin_users),
+            stats_users: flag_or_file(&flags.stats_users, &f.stats_users),
             breaker_threshold: pick!(breaker_threshold).unwrap_or(5),
             breaker_cooldown: dur("breaker-cooldown", pick!(breaker_cooldown), "500ms")?,
             breaker_max_cooldown: dur("breaker-max-cooldown", pick!(breaker_max_cooldown), "30s")?,
@@ -462,6 +474,16 @@ impl Config {
         }
         Ok(cfg)
     }
+}
+
+/// A list flag given on the command line wins over the file's; names are trimmed, empty
+/// ones dropped.
+fn flag_or_file(flag: &[String], file: &[String]) -> Vec<String> {
+    let src = if flag.is_empty() { file } else { flag };
+    src.iter()
+        .map(|u| u.trim().to_string())
+        .filter(|u| !u.is_empty())
+        .collect()
 }
 
 fn load_file(path: &Path) -> Result<Flags> {

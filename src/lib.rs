@@ -13,6 +13,8 @@ pub mod auth;
 pub mod cancel;
 pub mod config;
 #[cfg(feature = "server")]
+pub mod console;
+#[cfg(feature = "server")]
 pub mod demo;
 #[cfg(feature = "server")]
 pub mod guard;

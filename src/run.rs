@@ -16,6 +16,7 @@ pub async fn run_until_signal(cfg: Config) -> Result<()> {
         tokio::select! {
             _ = term.recv() => break,
             _ = int.recv() => break,
+            _ = handle.shared().stop_requested() => break,
             _ = hup.recv() => {
                 if let Err(e) = handle.shared().reload() {
                     error!(error = %e, "reload rejected; keeping the running configuration");

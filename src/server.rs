@@ -37,6 +37,8 @@ pub struct Shared {
     pub clients_active: AtomicUsize,
     next_client: AtomicU64,
     shutdown: watch::Sender<bool>,
+    /// Set by the console's SHUTDOWN; the process then stops as on SIGTERM.
+    stop: tokio::sync::Notify,
     pub upstream_up: AtomicBool,
     started: Instant,
     /// Milliseconds since start of the last shed log line (rate limit); `NEVER` before the
@@ -100,6 +102,16 @@ impl Shared {
         self.shutdown.subscribe()
     }
 
+    /// Asks the process to stop gracefully (the admin console's SHUTDOWN).
+    pub fn request_stop(&self) {
+        self.stop.notify_one();
+    }
+
+    /// Resolves once [`Shared::request_stop`] was called.
+    pub async fn stop_requested(&self) {
+        self.stop.notified().await
+    }
+
     pub fn is_shutting_down(&self) -> bool {
         *self.shutdown.borrow()
     }
@@ -144,6 +156,9 @@ impl Shared {
 
     pub fn count_query(&self, pool: &PoolEntry, outcome: &'static str) {
         pool.metrics.queries(outcome).increment(1);
+        if outcome == "shed" {
+            pool.stats.shed();
+        }
     }
 
     pub fn observe_query(&self, pool: &PoolEntry, outcome: &'static str, took: Duration) {
@@ -152,6 +167,7 @@ impl Shared {
     }
 
     pub fn count_cancel(&self, pool: &PoolEntry, cause: &'static str) {
+        pool.stats.cancel();
         metrics::counter!(m::CANCELS_TOTAL, "pool" => pool.label.to_string(), "cause" => cause)
             .increment(1);
     }
@@ -304,6 +320,7 @@ pub async fn start(cfg: Config) -> Result<ProxyHandle> {
         clients_active: AtomicUsize::new(0),
         next_client: AtomicU64::new(1),
         shutdown,
+        stop: tokio::sync::Notify::new(),
         upstream_up: AtomicBool::new(false),
         started: Instant::now(),
         last_shed_log: AtomicU64::new(NEVER),

@@ -25,6 +25,8 @@ pub struct ServerConn {
     /// Startup parameters it logged in with beyond the pool's usual ones (session pooling;
     /// boxed: every session future holds a connection's place).
     pub login: Option<Box<crate::session::params::ParamSet>>,
+    /// Keeps the connection in its pool's `SHOW SERVERS` list while it lives.
+    pub ticket: Option<super::stats::ServerTicket>,
 }
 
 impl ServerConn {
@@ -41,6 +43,7 @@ impl ServerConn {
             params: Default::default(),
             untried: false,
             login: None,
+            ticket: None,
         }
     }
 

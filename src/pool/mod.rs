@@ -16,7 +16,9 @@ use std::time::{Duration, Instant};
 use tokio::net::TcpStream;
 
 pub mod conn;
+pub mod stats;
 pub use conn::ServerConn;
+use stats::{PoolStats, ServerInfo, ServerList};
 
 #[derive(Debug, thiserror::Error)]
 pub enum PoolError {
@@ -90,6 +92,7 @@ pub struct ServerManager {
     /// errors to the callers waiting in `get`; without this they would wait out their
     /// timeout while the upstream is down).
     failures: Arc<ConnectFailures>,
+    servers: Arc<ServerList>,
 }
 
 /// The latest connect failure of a pool, broadcast to everyone waiting for a connection.
@@ -117,6 +120,7 @@ impl ServerManager {
             addr: addr_s.clone(),
             source,
         })?;
+        let local = tcp.local_addr().ok();
         let secured = self
             .tls
             .secure(tcp)
@@ -152,13 +156,18 @@ impl ServerManager {
                 *p = st.params.clone();
             }
         }
-        Ok(ServerConn::new(
-            NEXT_CONN_ID.fetch_add(1, Ordering::Relaxed),
-            stream,
-            peer,
-            st.pid,
-            st.secret,
-        ))
+        let id = NEXT_CONN_ID.fetch_add(1, Ordering::Relaxed);
+        let info = ServerInfo {
+            pid: st.pid,
+            addr: peer,
+            local,
+            connected: std::time::SystemTime::now(),
+            tls: binding.tls,
+            link: None,
+        };
+        let mut conn = ServerConn::new(id, stream, peer, st.pid, st.secret);
+        conn.ticket = Some(self.servers.open(id, info));
+        Ok(conn)
     }
 
     async fn connect_login(&self, login: &[(&str, &str)]) -> Result<ServerConn, PoolError> {
@@ -203,7 +212,12 @@ impl bb8::ManageConnection for ServerManager {
         conn.check_idle()
     }
 
+    /// bb8 asks this of every connection coming back, before another client can take it:
+    /// the moment it stops being linked to its client in `SHOW SERVERS`.
     fn has_broken(&self, conn: &mut ServerConn) -> bool {
+        if let Some(t) = &conn.ticket {
+            t.link(None);
+        }
         conn.broken || self.lifetime.is_some_and(|l| conn.created.elapsed() > l)
     }
 }
@@ -249,6 +263,10 @@ pub struct PoolEntry {
     /// Connections this pool may have (bb8's max_size, fixed when the pool was made): the
     /// guard hands out at most this many leases.
     pub capacity: usize,
+    /// Counters for `SHOW STATS`.
+    pub stats: PoolStats,
+    /// Open server connections, for `SHOW SERVERS`.
+    pub servers: Arc<ServerList>,
     params: Arc<RwLock<Vec<(String, String)>>>,
     /// Opens connections with a client's startup parameters (session pooling).
     manager: ServerManager,
@@ -299,8 +317,17 @@ impl PoolEntry {
     /// Checks a connection out under `lease`. The guard grants no more leases than the pool
     /// has connections, so this waits only for a connect (bounded by `wait`), never for
     /// another session.
-    pub async fn get(&self, wait: Duration, lease: Lease) -> Result<Leased, PoolError> {
+    /// `client` is the proxy-issued pid of the client taking it (for `SHOW SERVERS`).
+    pub async fn get(
+        &self,
+        wait: Duration,
+        lease: Lease,
+        client: i32,
+    ) -> Result<Leased, PoolError> {
         let conn = self.get_unleased(wait).await?;
+        if let Some(t) = &conn.ticket {
+            t.link(Some(client));
+        }
         Ok(Leased {
             conn,
             _lease: lease,
@@ -402,8 +429,10 @@ impl PoolRegistry {
         let label: Arc<str> = format!("{database}/{user}").into();
         let params = Arc::new(RwLock::new(Vec::new()));
         let failures = Arc::new(ConnectFailures::default());
+        let servers = Arc::new(ServerList::default());
         let manager = ServerManager {
             failures: failures.clone(),
+            servers: servers.clone(),
             upstream: self.upstream.clone(),
             tls: self.tls.clone(),
             user: user.to_string(),
@@ -433,6 +462,8 @@ impl PoolRegistry {
             database: database.to_string(),
             user: user.to_string(),
             capacity: s.size,
+            stats: PoolStats::default(),
+            servers,
             params,
             manager,
         });

@@ -46,7 +46,7 @@ impl Session {
         let guard = self.shared.guard.clone();
         let fut = guard.admit(self.admit_request());
         tokio::pin!(fut);
-        self.entry.queued.store(true, Ordering::Release);
+        self.entry.set_queued(true);
         self.shared.clients_waiting.fetch_add(1, Ordering::Relaxed);
         let out = loop {
             let watch_client =
@@ -58,7 +58,7 @@ impl Session {
                     Err(shed) => self.shed(shed).await,
                 },
                 _ = self.entry.queued_cancel.notified() => {
-                    self.entry.queued.store(false, Ordering::Release);
+                    self.entry.set_queued(false);
                     self.shared.count_query(&self.pool, "cancelled");
                     info!(identity = %self.identity, cause = "client_request", "query cancelled while queued");
                     break match self.refuse_batch("57014", "canceling statement due to user request (pgsluice: the query was still queued)", None).await {
@@ -81,7 +81,7 @@ impl Session {
                 }
             }
         };
-        self.entry.queued.store(false, Ordering::Release);
+        self.entry.set_queued(false);
         self.shared.clients_waiting.fetch_sub(1, Ordering::Relaxed);
         out
     }
@@ -127,6 +127,14 @@ impl Session {
 
     /// Relays one admitted batch (and any pipelined after it) until nothing is in flight.
     /// Returns false when the session is over.
+    /// Adds a finished batch (started at `t0`) to the pool's `SHOW STATS` counters;
+    /// `xact_done` when it ended its transaction.
+    fn count_batch(&mut self, t0: Instant, xact_done: bool) {
+        let counts = std::mem::take(&mut self.st.counts);
+        let xact = xact_done.then(|| self.tx_started.elapsed());
+        self.pool.stats.batch(t0.elapsed(), &counts, xact);
+    }
+
     pub(super) async fn run_query(&mut self, permit: Permit) -> bool {
         let Some(server) = self.server.as_mut() else {
             return false;
@@ -143,6 +151,10 @@ impl Session {
         self.entry.start_query(target);
         self.shared.clients_active.fetch_add(1, Ordering::Relaxed);
         let t0 = Instant::now();
+        if self.st.status == b'I' {
+            // Outside a transaction: this batch starts one (autocommit included).
+            self.tx_started = t0;
+        }
         let deadline = self
             .cfg
             .query_timeout
@@ -191,6 +203,7 @@ impl Session {
                     .await;
                 self.shared.guard.record_success();
                 self.shared.observe_query(&self.pool, outcome, t0.elapsed());
+                self.count_batch(t0, self.st.status == b'I');
                 // Boxed: the read-back is rare and would otherwise enlarge every session's future.
                 Box::pin(self.params_after_batch()).await;
                 self.after_idle(permit)
@@ -200,6 +213,7 @@ impl Session {
                 self.shared.guard.record_waste();
                 self.shared
                     .observe_query(&self.pool, "abandoned", t0.elapsed());
+                self.count_batch(t0, false);
                 let age = t0.elapsed();
                 self.release_server(CancelCause::ClientGone, Some(age))
                     .await;
@@ -222,6 +236,7 @@ impl Session {
                 drop(permit);
                 self.shared
                     .observe_query(&self.pool, "upstream_lost", t0.elapsed());
+                self.count_batch(t0, false);
                 self.server_lost().await
             }
             RelayEvent::ServerProtocol(e) => {

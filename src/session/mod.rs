@@ -59,7 +59,13 @@ pub async fn run(sock: TcpStream, shared: Arc<Shared>) {
             return;
         }
     }
+    if crate::console::is_console(&info.database) {
+        // Boxed: the console's state would otherwise enlarge every session's future.
+        let ci = client_info(&client, &info);
+        return Box::pin(crate::console::run(client, shared, ci)).await;
+    }
     let pool = shared.pools.get_or_create(&info.database, &info.user);
+    pool.stats.login();
     let identity: Arc<str> = info
         .application_name
         .clone()
@@ -69,9 +75,11 @@ pub async fn run(sock: TcpStream, shared: Arc<Shared>) {
         .record("identity", &*identity)
         .record("database", info.database.as_str())
         .record("user", info.user.as_str());
-    let entry = shared
-        .cancels
-        .register(pool.label.clone(), identity.clone());
+    let entry = shared.cancels.register(
+        pool.label.clone(),
+        identity.clone(),
+        client_info(&client, &info),
+    );
     let client_id = shared.next_client_id();
     let mut st = RelayState::new();
     if cfg.pool_mode == PoolMode::Transaction {
@@ -88,6 +96,7 @@ pub async fn run(sock: TcpStream, shared: Arc<Shared>) {
         server: None,
         st,
         last_admitted: None,
+        tx_started: Instant::now(),
         info,
     };
     if let Err(Refusal(code, msg)) = s.greet().await {
@@ -96,6 +105,19 @@ pub async fn run(sock: TcpStream, shared: Arc<Shared>) {
         s.serve().await;
     }
     s.finish().await;
+}
+
+/// Who the client is, for the console's `SHOW CLIENTS`.
+fn client_info(client: &ClientStream, info: &StartupInfo) -> crate::cancel::ClientInfo {
+    crate::cancel::ClientInfo {
+        user: info.user.clone(),
+        database: info.database.clone(),
+        application_name: info.application_name.clone().unwrap_or_default(),
+        peer: client.tcp().peer_addr().ok(),
+        local: client.tcp().local_addr().ok(),
+        connected: std::time::SystemTime::now(),
+        tls: client.is_tls(),
+    }
 }
 
 struct Session {
@@ -109,6 +131,8 @@ struct Session {
     server: Option<Server>,
     st: RelayState,
     last_admitted: Option<Instant>,
+    /// When the current (or last) transaction's first batch started.
+    tx_started: Instant,
     info: StartupInfo,
 }
 
@@ -133,7 +157,7 @@ impl Session {
             let lease = Box::pin(self.login_lease()).await?;
             let mut server = self
                 .pool
-                .get(self.cfg.connect_timeout, lease)
+                .get(self.cfg.connect_timeout, lease, self.entry.pid)
                 .await
                 .map_err(pool_refusal)?;
             canonical =
@@ -218,8 +242,18 @@ impl Session {
                     debug_assert!(false, "admitted without a server and without a lease");
                     return;
                 };
-                match self.pool.get(self.cfg.connect_timeout, lease).await {
-                    Ok(s) => self.server = Some(s),
+                match self
+                    .pool
+                    .get(self.cfg.connect_timeout, lease, self.entry.pid)
+                    .await
+                {
+                    Ok(s) => {
+                        let connecting = self.last_admitted.map(|t| t.elapsed());
+                        self.pool
+                            .stats
+                            .assigned(permit.waited() + connecting.unwrap_or_default());
+                        self.server = Some(s);
+                    }
                     Err(e) => {
                         let (code, msg) = match &e {
                             PoolError::Exhausted => (

@@ -77,6 +77,8 @@ pub struct RelayState {
     pub terminate_split: bool,
     /// The server sent an ErrorResponse during the current batch.
     pub saw_error: bool,
+    /// This batch's bytes and messages for the pool's `SHOW STATS`.
+    pub counts: crate::pool::stats::BatchCounts,
     /// Syncs ignored by a server in copy-in mode, seen by the scan and by the rewrite.
     /// (Its `server_in_copy` also records the server's copy-in mode.)
     pub(super) copy_scan: IgnoredSyncs,
@@ -125,6 +127,7 @@ impl RelayState {
             discard_done: false,
             terminate_split: false,
             saw_error: false,
+            counts: Default::default(),
             copy_scan: IgnoredSyncs::default(),
             copy_rw: IgnoredSyncs::default(),
             rewrite_on: false,
@@ -295,9 +298,16 @@ impl RelayState {
         let params = &mut self.params;
         let pending = &mut self.pending;
         let copy = &mut self.copy_scan;
+        let counts = &mut self.counts;
         let chunk = self.c2s.filled_from(from);
+        counts.received += chunk.len() as u64;
         let mut flow = |tag: u8, start: Option<usize>, end: usize| {
             let abs_end = from + end;
+            match tag {
+                b'P' => counts.client_parses += 1,
+                b'B' => counts.binds += 1,
+                _ => {}
+            }
             match tag {
                 b'X' => {
                     match start {
@@ -446,6 +456,7 @@ impl RelayState {
             let expect = &mut self.expect;
             let stmts = &mut self.stmts;
             let params = &mut self.params;
+            let server_parses = &mut self.counts.server_parses;
             let chunk = self.s2c.filled_from(at);
             let n = self.sscan.scan(chunk, |ev| {
                 if params.stripping() {
@@ -499,12 +510,17 @@ impl RelayState {
                             }
                         }
                     }
-                    b'1' | b'3' | b'C' if expect.on_complete(ev.tag, stmts) == Verdict::Strip => {
-                        let end = at + ev.end;
-                        let start = end - (5 + ev.len);
-                        if start >= pos {
-                            strip = Some((start, end));
-                            return ControlFlow::Break(());
+                    b'1' | b'3' | b'C' => {
+                        if ev.tag == b'1' {
+                            *server_parses += 1;
+                        }
+                        if expect.on_complete(ev.tag, stmts) == Verdict::Strip {
+                            let end = at + ev.end;
+                            let start = end - (5 + ev.len);
+                            if start >= pos {
+                                strip = Some((start, end));
+                                return ControlFlow::Break(());
+                            }
                         }
                     }
                     b'E' => {
@@ -652,6 +668,7 @@ fn poll_relay(
             match Pin::new(&mut *client).poll_write(cx, st.s2c.data_to(limit)) {
                 Poll::Ready(Ok(n)) if n > 0 => {
                     st.s2c.consume(n);
+                    st.counts.sent += n as u64;
                     progressed = true;
                 }
                 Poll::Ready(_) => {

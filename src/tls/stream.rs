@@ -30,6 +30,14 @@ impl ClientStream {
         matches!(self, ClientStream::Tls(_))
     }
 
+    /// The TCP connection underneath (for its addresses).
+    pub fn tcp(&self) -> &TcpStream {
+        match self {
+            ClientStream::Plain(s) => s,
+            ClientStream::Tls(t) => t.get_ref().0,
+        }
+    }
+
     /// Waits until a read may make progress. With TLS, decrypted bytes rustls already holds
     /// count as readable even though the socket has nothing new.
     pub async fn readable(&mut self) -> io::Result<()> {

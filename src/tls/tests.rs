@@ -247,7 +247,9 @@ async fn session_future_size() {
     // 4,416 with session-parameter tracking (its value sets are sparse vectors and its
     // rare async steps are boxed); 4,440 with the resend of a batch whose server was dead
     // (its state boxed behind one pointer); 4,448 when the slot and the connection lease are
-    // freed under one guard lock at the end of a transaction. Growth past that should be a
-    // decision, not an accident.
-    assert!(size <= 4448, "session future grew to {size} bytes");
+    // freed under one guard lock at the end of a transaction; 4,576 with the console's
+    // per-batch statistics (bytes, Parse/Bind counts, transaction start) and the server
+    // connection's place in `SHOW SERVERS`. Growth past that should be a decision, not an
+    // accident.
+    assert!(size <= 4576, "session future grew to {size} bytes");
 }

@@ -1,0 +1,343 @@
+//! The admin console: a client that connects to the virtual database `pgsluice` (or
+//! `pgbouncer`, so existing tools and fingers work) gets PgBouncer's simple-query console
+//! instead of a server: `SHOW POOLS`, `SHOW STATS`, `PAUSE`, `RELOAD`, ...
+//!
+//! Who may use it: users named in `--admin-users` (every command) and `--stats-users` (SHOW
+//! only), after the usual client authentication. With neither set, loopback clients may use
+//! it, with every command unless an admin token is configured (a token says that changing
+//! the running proxy needs a secret; the console has none beyond the password), else SHOW
+//! only. Everyone else is refused at login.
+
+mod rows;
+mod show;
+
+use crate::cancel::ClientInfo;
+use crate::config::Config;
+use crate::protocol::{self, Severity};
+use crate::server::Shared;
+use crate::session::startup;
+use crate::tls::ClientStream;
+use bytes::{BufMut, BytesMut};
+use rows::ResultSet;
+use std::sync::Arc;
+use tokio::io::AsyncReadExt;
+use tracing::info;
+
+/// Longest console message accepted; commands are short.
+const MAX_MESSAGE: usize = 64 * 1024;
+
+pub fn is_console(database: &str) -> bool {
+    database == "pgsluice" || database == "pgbouncer"
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Role {
+    Admin,
+    Stats,
+}
+
+fn role(cfg: &Config, c: &ClientInfo) -> Option<Role> {
+    if cfg.admin_users.contains(&c.user) {
+        return Some(Role::Admin);
+    }
+    if cfg.stats_users.contains(&c.user) {
+        return Some(Role::Stats);
+    }
+    let loopback = c.peer.is_some_and(|p| p.ip().to_canonical().is_loopback());
+    if cfg.admin_users.is_empty() && cfg.stats_users.is_empty() && loopback {
+        return Some(if cfg.admin_token.is_some() {
+            Role::Stats
+        } else {
+            Role::Admin
+        });
+    }
+    None
+}
+
+/// Serves one console client until it leaves.
+pub async fn run(mut client: ClientStream, shared: Arc<Shared>, info: ClientInfo) {
+    let cfg = shared.config();
+    let Some(role) = role(&cfg, &info) else {
+        info!(user = %info.user, "admin console refused");
+        let msg = format!(
+            "pgsluice: user \"{}\" may not use the admin console (see --admin-users)",
+            info.user
+        );
+        startup::send_fatal(&mut client, "28000", &msg).await;
+        return;
+    };
+    let mut b = BytesMut::with_capacity(256);
+    protocol::auth_ok(&mut b);
+    for (k, v) in [
+        (
+            "server_version",
+            concat!(env!("CARGO_PKG_VERSION"), "/pgsluice"),
+        ),
+        ("client_encoding", "UTF8"),
+        ("server_encoding", "UTF8"),
+        ("DateStyle", "ISO"),
+        ("integer_datetimes", "on"),
+        ("standard_conforming_strings", "on"),
+        ("application_name", info.application_name.as_str()),
+    ] {
+        protocol::parameter_status(&mut b, k, v);
+    }
+    protocol::ready_for_query(&mut b, b'I');
+    if startup::send(&mut client, &b).await.is_err() {
+        return;
+    }
+    // Set by an extended-protocol message; answered with one error at its Sync.
+    let mut extended = false;
+    let mut body = Vec::new();
+    loop {
+        let mut head = [0u8; 5];
+        if client.read_exact(&mut head).await.is_err() {
+            return;
+        }
+        let len = i32::from_be_bytes([head[1], head[2], head[3], head[4]]);
+        let Some(n) = usize::try_from(len)
+            .ok()
+            .filter(|n| (4..=MAX_MESSAGE).contains(n))
+        else {
+            let msg = format!("pgsluice: invalid console message length {len}");
+            startup::send_fatal(&mut client, "08P01", &msg).await;
+            return;
+        };
+        body.resize(n - 4, 0);
+        if client.read_exact(&mut body).await.is_err() {
+            return;
+        }
+        let mut out = BytesMut::new();
+        match head[0] {
+            b'Q' => {
+                let sql = body.split(|&c| c == 0).next().unwrap_or_default();
+                let sql = String::from_utf8_lossy(sql);
+                let stop = execute(&shared, role, &info, &sql, &mut out);
+                protocol::ready_for_query(&mut out, b'I');
+                if startup::send(&mut client, &out).await.is_err() || stop {
+                    return;
+                }
+            }
+            b'X' => return,
+            b'P' | b'B' | b'D' | b'E' | b'C' | b'H' => extended = true,
+            b'S' => {
+                if std::mem::take(&mut extended) {
+                    error(
+                        &mut out,
+                        "0A000",
+                        "pgsluice: the admin console takes simple queries only",
+                    );
+                }
+                protocol::ready_for_query(&mut out, b'I');
+                if startup::send(&mut client, &out).await.is_err() {
+                    return;
+                }
+            }
+            t => {
+                let msg = format!(
+                    "pgsluice: unexpected message {:?} on the admin console",
+                    t as char
+                );
+                startup::send_fatal(&mut client, "08P01", &msg).await;
+                return;
+            }
+        }
+    }
+}
+
+fn error(out: &mut BytesMut, code: &str, msg: &str) {
+    protocol::error_response(out, Severity::Error, code, msg, None);
+}
+
+/// Splits on `;` outside single quotes.
+fn statements(sql: &str) -> Vec<&str> {
+    let mut out = Vec::new();
+    let (mut start, mut quoted) = (0, false);
+    for (i, c) in sql.char_indices() {
+        match c {
+            '\'' => quoted = !quoted,
+            ';' if !quoted => {
+                out.push(&sql[start..i]);
+                start = i + 1;
+            }
+            _ => {}
+        }
+    }
+    out.push(&sql[start..]);
+    out.into_iter()
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .collect()
+}
+
+/// Runs every statement of one simple query; stops at the first error. True when the
+/// console should close (SHUTDOWN).
+fn execute(shared: &Shared, role: Role, who: &ClientInfo, sql: &str, out: &mut BytesMut) -> bool {
+    let stmts = statements(sql);
+    if stmts.is_empty() {
+        out.put_u8(b'I');
+        out.put_i32(4);
+        return false;
+    }
+    for stmt in stmts {
+        match command(shared, role, who, stmt, out) {
+            Ok(stop) if stop => return true,
+            Ok(_) => {}
+            Err((code, msg)) => {
+                error(out, code, &msg);
+                return false;
+            }
+        }
+    }
+    false
+}
+
+type CmdResult = Result<bool, (&'static str, String)>;
+
+fn command(
+    shared: &Shared,
+    role: Role,
+    who: &ClientInfo,
+    stmt: &str,
+    out: &mut BytesMut,
+) -> CmdResult {
+    let words: Vec<String> = stmt
+        .split_whitespace()
+        .map(str::to_ascii_uppercase)
+        .collect();
+    let verb = words[0].as_str();
+    if verb == "SHOW" {
+        let what = words.get(1).map(String::as_str).unwrap_or("");
+        let rs = show_command(shared, what, out)?;
+        if let Some(rs) = rs {
+            rs.write(out);
+        }
+        return Ok(false);
+    }
+    if role != Role::Admin {
+        return Err((
+            "42501",
+            format!("pgsluice: user \"{}\" may run SHOW commands only", who.user),
+        ));
+    }
+    let arg = words.get(1);
+    let whole_proxy_only = |cmd: &str| -> CmdResult {
+        Err((
+            "0A000",
+            format!(
+                "pgsluice: {cmd} of one database is not supported; {cmd} without a name applies to every pool"
+            ),
+        ))
+    };
+    match verb {
+        "PAUSE" | "RESUME" if words.len() > 2 => {
+            Err(("42601", format!("pgsluice: {verb} takes at most one name")))
+        }
+        "PAUSE" if arg.is_some() => whole_proxy_only("PAUSE"),
+        "RESUME" if arg.is_some() => whole_proxy_only("RESUME"),
+        "PAUSE" => {
+            info!(user = %who.user, "paused from the admin console");
+            shared.pause();
+            rows::command_complete(out, "PAUSE");
+            Ok(false)
+        }
+        "RESUME" => {
+            info!(user = %who.user, "resumed from the admin console");
+            shared.resume();
+            rows::command_complete(out, "RESUME");
+            Ok(false)
+        }
+        "RELOAD" => {
+            shared
+                .reload()
+                .map_err(|e| ("F0000", format!("pgsluice: reload rejected: {e}")))?;
+            rows::command_complete(out, "RELOAD");
+            Ok(false)
+        }
+        "SHUTDOWN" => {
+            info!(user = %who.user, "shutdown requested from the admin console");
+            shared.request_stop();
+            rows::command_complete(out, "SHUTDOWN");
+            Ok(true)
+        }
+        "KILL" | "SUSPEND" | "SET" | "DISABLE" | "ENABLE" | "RECONNECT" | "WAIT_CLOSE"
+        | "KILL_CLIENT" => Err((
+            "0A000",
+            format!("pgsluice: {verb} is not supported by this console yet"),
+        )),
+        _ => Err((
+            "42601",
+            format!("pgsluice: unknown command {verb:?} (try SHOW HELP)"),
+        )),
+    }
+}
+
+const SHOWS: &[&str] = &[
+    "POOLS",
+    "STATS",
+    "STATS_TOTALS",
+    "STATS_AVERAGES",
+    "TOTALS",
+    "CLIENTS",
+    "SERVERS",
+    "DATABASES",
+    "USERS",
+    "CONFIG",
+    "LISTS",
+    "VERSION",
+    "STATE",
+    "GUARD",
+    "HELP",
+];
+
+fn show_command(
+    shared: &Shared,
+    what: &str,
+    out: &mut BytesMut,
+) -> Result<Option<ResultSet>, (&'static str, String)> {
+    Ok(Some(match what {
+        "POOLS" => show::pools(shared),
+        "STATS" => show::stats(shared),
+        "STATS_TOTALS" => show::stats_totals(shared, false),
+        "STATS_AVERAGES" => show::stats_totals(shared, true),
+        "TOTALS" => show::totals(shared),
+        "CLIENTS" => show::clients(shared),
+        "SERVERS" => show::servers(shared),
+        "DATABASES" => show::databases(shared),
+        "USERS" => show::users(shared),
+        "CONFIG" => show::config(shared),
+        "LISTS" => show::lists(shared),
+        "VERSION" => show::version(),
+        "STATE" => show::state(shared),
+        "GUARD" => show::guard(shared),
+        "HELP" => {
+            let list = SHOWS.join("|");
+            protocol::notice_response(out, "00000", &format!("Console usage: SHOW {list}"));
+            protocol::notice_response(out, "00000", "PAUSE, RESUME, RELOAD, SHUTDOWN");
+            rows::command_complete(out, "SHOW");
+            return Ok(None);
+        }
+        "" => return Err(("42601", "pgsluice: SHOW what? (try SHOW HELP)".to_string())),
+        w => {
+            return Err((
+                "42601",
+                format!("pgsluice: unknown SHOW {w:?} (try SHOW HELP)"),
+            ))
+        }
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn statements_split_outside_quotes() {
+        assert_eq!(
+            statements("show pools; show stats;"),
+            vec!["show pools", "show stats"]
+        );
+        assert_eq!(statements("set a = 'x;y'"), vec!["set a = 'x;y'"]);
+        assert!(statements(" ; ").is_empty());
+    }
+}
