@@ -132,6 +132,18 @@ pub struct Flags {
     /// Bearer token required by the admin API's mutating endpoints.
     #[arg(long, env = "PGSLUICE_ADMIN_TOKEN")]
     pub admin_token: Option<String>,
+    /// Look up users missing from the users file on the upstream, logged in as this user.
+    #[arg(long, env = "PGSLUICE_AUTH_USER")]
+    pub auth_user: Option<String>,
+    /// Query returning (name, secret) for $1 (default: PgBouncer's, on pg_shadow).
+    #[arg(long, env = "PGSLUICE_AUTH_QUERY")]
+    pub auth_query: Option<String>,
+    /// Database the auth query runs in (default: the client's).
+    #[arg(long, env = "PGSLUICE_AUTH_DBNAME")]
+    pub auth_dbname: Option<String>,
+    /// How long a looked-up user (or its absence) is remembered.
+    #[arg(long, env = "PGSLUICE_AUTH_CACHE_TTL")]
+    pub auth_cache_ttl: Option<String>,
     /// Users who may run every admin console command (database `pgsluice` or `pgbouncer`).
     #[arg(long, env = "PGSLUICE_ADMIN_USERS", value_delimiter = ',')]
     #[serde(default)]
@@ -291,6 +303,10 @@ pub struct Config {
     pub admin_token: Option<String>,
     pub admin_users: Vec<String>,
     pub stats_users: Vec<String>,
+    pub auth_user: Option<String>,
+    pub auth_query: String,
+    pub auth_dbname: Option<String>,
+    pub auth_cache_ttl: Duration,
     pub breaker_threshold: u32,
     pub breaker_cooldown: Duration,
     pub breaker_max_cooldown: Duration,
@@ -391,8 +407,8 @@ impl Config {
             ),
         };
         let users = pick!(users);
-        if auth != AuthMethod::Trust && users.is_none() {
-            bail!("--auth {auth:?} needs --users FILE");
+        if auth != AuthMethod::Trust && users.is_none() && pick!(auth_user).is_none() {
+            bail!("--auth {} needs --users FILE or --auth-user", auth.as_str());
         }
         let dur = |name: &str, v: Option<String>, default: &str| -> Result<Duration> {
             let s = v.unwrap_or_else(|| default.to_string());
@@ -443,6 +459,12 @@ impl Config {
             admin_token: pick!(admin_token).filter(|t| !t.is_empty()),
             admin_users: flag_or_file(&flags.admin_users, &f.admin_users),
             stats_users: flag_or_file(&flags.stats_users, &f.stats_users),
+            auth_user: pick!(auth_user).filter(|u| !u.is_empty()),
+            auth_query: pick!(auth_query).unwrap_or_else(|| {
+                "SELECT usename, passwd FROM pg_catalog.pg_shadow WHERE usename = $1".into()
+            }),
+            auth_dbname: pick!(auth_dbname).filter(|d| !d.is_empty()),
+            auth_cache_ttl: dur("auth-cache-ttl", pick!(auth_cache_ttl), "30s")?,
             breaker_threshold: pick!(breaker_threshold).unwrap_or(5),
             breaker_cooldown: dur("breaker-cooldown", pick!(breaker_cooldown), "500ms")?,
             breaker_max_cooldown: dur("breaker-max-cooldown", pick!(breaker_max_cooldown), "30s")?,

@@ -5,6 +5,7 @@
 
 pub mod md5;
 pub mod scram;
+mod scram_client;
 pub mod upstream;
 pub mod users;
 pub mod verifier;
@@ -12,9 +13,10 @@ pub mod verifier;
 #[cfg(test)]
 mod tests;
 
+pub use scram::ScramKeys;
 pub use upstream::{
-    upstream_startup, upstream_startup_bound, Binding, UpstreamAuth, UpstreamAuthError,
-    UpstreamStartup,
+    upstream_login, upstream_startup, upstream_startup_bound, Binding, Credentials, UpstreamAuth,
+    UpstreamAuthError, UpstreamStartup,
 };
 pub use users::{Secret, UserEntry, UserStore};
 pub use verifier::{scram_verifier_for, ScramVerifier};
@@ -175,19 +177,36 @@ pub async fn authenticate_client<S: AsyncRead + AsyncWrite + Unpin>(
     method: AuthMethod,
     user: &str,
     users: &UserStore,
-) -> Result<(), AuthError> {
-    let entry = users.get(user);
+) -> Result<Authenticated, AuthError> {
+    authenticate_entry(stream, method, user, users.get(user)).await
+}
+
+/// What a successful client authentication leaves behind.
+#[derive(Debug, Default)]
+pub struct Authenticated {
+    /// Set after SCRAM: logs the proxy in upstream as this user without a password.
+    pub scram_keys: Option<ScramKeys>,
+}
+
+/// [`authenticate_client`] against one looked-up entry (`None`: the user is unknown).
+pub async fn authenticate_entry<S: AsyncRead + AsyncWrite + Unpin>(
+    stream: &mut S,
+    method: AuthMethod,
+    user: &str,
+    entry: Option<&UserEntry>,
+) -> Result<Authenticated, AuthError> {
     let unavailable = |method, reason| AuthError::MethodUnavailable {
         user: user.to_owned(),
         method,
         reason,
     };
-    let passed = match method {
-        AuthMethod::Trust => return Ok(()),
+    let scram = |keys: Option<ScramKeys>| (keys.is_some(), keys);
+    let (passed, scram_keys) = match method {
+        AuthMethod::Trust => return Ok(Authenticated::default()),
         AuthMethod::ScramSha256 => match entry {
-            None => scram::authenticate(stream, &mock_scram_verifier(user), false).await?,
+            None => scram(scram::authenticate(stream, &mock_scram_verifier(user), false).await?),
             Some(e) => match e.scram_verifier() {
-                Some(v) => scram::authenticate(stream, v, true).await?,
+                Some(v) => scram(scram::authenticate(stream, v, true).await?),
                 None => {
                     return Err(unavailable(
                         "SCRAM-SHA-256",
@@ -197,18 +216,21 @@ pub async fn authenticate_client<S: AsyncRead + AsyncWrite + Unpin>(
             },
         },
         AuthMethod::Md5 => match entry {
-            None => md5::authenticate(stream, &mock_md5_hash(user), false).await?,
+            None => (
+                md5::authenticate(stream, &mock_md5_hash(user), false).await?,
+                None,
+            ),
             Some(e) => match (e.md5_hash(), e.scram_verifier()) {
-                (Some(h), _) => md5::authenticate(stream, &h, true).await?,
+                (Some(h), _) => (md5::authenticate(stream, &h, true).await?, None),
                 // As in PostgreSQL: with only a SCRAM verifier stored, "md5" runs SCRAM,
                 // since an MD5 response cannot be checked against a verifier.
-                (None, Some(v)) => scram::authenticate(stream, v, true).await?,
+                (None, Some(v)) => scram(scram::authenticate(stream, v, true).await?),
                 (None, None) => return Err(unavailable("MD5", "no usable stored password")),
             },
         },
     };
     if passed {
-        Ok(())
+        Ok(Authenticated { scram_keys })
     } else {
         Err(AuthError::PasswordFailed {
             user: user.to_owned(),

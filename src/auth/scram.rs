@@ -114,7 +114,7 @@ impl<'a> Exchange<'a> {
     /// Checks client-final; returns server-final-message (`v=<signature>`) when the proof is
     /// right, None when it is not. `genuine` is false for the stand-in verifier of an unknown
     /// user: every check still runs, but the proof never counts as right.
-    pub fn finish(&self, client_final: &str, genuine: bool) -> Result<Option<String>, AuthError> {
+    pub fn finish(&self, client_final: &str, genuine: bool) -> Result<Option<Passed>, AuthError> {
         let (without_proof, proof) = client_final
             .rsplit_once(",p=")
             .ok_or_else(|| malformed("missing proof"))?;
@@ -159,7 +159,36 @@ impl<'a> Exchange<'a> {
             return Ok(None);
         }
         let server_signature = hmac_sha256(&self.verifier.server_key, &[auth_message.as_bytes()]);
-        Ok(Some(format!("v={}", B64.encode(server_signature))))
+        Ok(Some(Passed {
+            server_final: format!("v={}", B64.encode(server_signature)),
+            keys: ScramKeys {
+                client_key,
+                server_key: self.verifier.server_key,
+            },
+        }))
+    }
+}
+
+/// A proof that checked out.
+pub(crate) struct Passed {
+    pub server_final: String,
+    /// What the proof revealed: enough to log in to a server holding the same verifier.
+    pub keys: ScramKeys,
+}
+
+/// A SCRAM ClientKey (recovered from a client's proof) with the verifier's ServerKey: what a
+/// proxy needs to authenticate to the upstream as that client without its password, when
+/// the upstream holds the same verifier (same salt and iterations).
+#[derive(Clone, PartialEq, Eq)]
+pub struct ScramKeys {
+    pub client_key: [u8; 32],
+    pub server_key: [u8; 32],
+}
+
+// Password-equivalent: never in logs.
+impl std::fmt::Debug for ScramKeys {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ScramKeys(..)")
     }
 }
 
@@ -186,13 +215,13 @@ fn utf8(b: &[u8]) -> Result<&str, AuthError> {
     std::str::from_utf8(b).map_err(|_| malformed("not UTF-8"))
 }
 
-/// Runs the whole SASL exchange; Ok(false) means a wrong password. `genuine` as in
-/// [`Exchange::finish`].
+/// Runs the whole SASL exchange; Ok(None) means a wrong password, Ok(Some) carries the keys
+/// the proof revealed. `genuine` as in [`Exchange::finish`].
 pub(crate) async fn authenticate<S: AsyncRead + AsyncWrite + Unpin>(
     stream: &mut S,
     verifier: &ScramVerifier,
     genuine: bool,
-) -> Result<bool, AuthError> {
+) -> Result<Option<ScramKeys>, AuthError> {
     let mut mechanisms = Vec::with_capacity(MECHANISM.len() + 2);
     mechanisms.extend_from_slice(MECHANISM.as_bytes());
     mechanisms.extend_from_slice(&[0, 0]);
@@ -215,11 +244,11 @@ pub(crate) async fn authenticate<S: AsyncRead + AsyncWrite + Unpin>(
 
     let body = read_client_response(stream).await?;
     match exchange.finish(utf8(&body)?, genuine)? {
-        Some(server_final) => {
-            send_auth(stream, AUTH_SASL_FINAL, server_final.as_bytes()).await?;
-            Ok(true)
+        Some(p) => {
+            send_auth(stream, AUTH_SASL_FINAL, p.server_final.as_bytes()).await?;
+            Ok(Some(p.keys))
         }
-        None => Ok(false),
+        None => Ok(None),
     }
 }
 

@@ -26,8 +26,11 @@ fn serve(
 ) -> (DuplexStream, JoinHandle<Result<(), AuthError>>) {
     let (client, mut server) = duplex(64 * 1024);
     let user = user.to_owned();
-    let task =
-        tokio::spawn(async move { authenticate_client(&mut server, method, &user, &users).await });
+    let task = tokio::spawn(async move {
+        authenticate_client(&mut server, method, &user, &users)
+            .await
+            .map(|_| ())
+    });
     (client, task)
 }
 

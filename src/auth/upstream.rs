@@ -1,6 +1,8 @@
 //! Logging in to the upstream PostgreSQL: StartupMessage, whatever password exchange the
 //! server asks for, then the server's start-up report up to ReadyForQuery.
 
+use super::scram::ScramKeys;
+use super::scram_client::KeyedScram;
 use crate::protocol::{self, ProtocolError, MAX_AUTH_MESSAGE_LEN};
 use crate::tls::params::ChannelBindingMode;
 use bytes::BytesMut;
@@ -124,6 +126,28 @@ pub async fn upstream_startup<S: AsyncRead + AsyncWrite + Unpin>(
     upstream_startup_bound(stream, params, password, &Binding::default()).await
 }
 
+/// What the proxy can prove upstream on a user's behalf.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub enum Credentials {
+    #[default]
+    None,
+    /// Serves every method.
+    Password(String),
+    /// PostgreSQL's stored "md5..." form: answers MD5 only.
+    Md5(String),
+    /// From a client's SCRAM proof: answers SCRAM only, against the same verifier.
+    Scram(ScramKeys),
+}
+
+impl Credentials {
+    fn password(&self) -> Option<&str> {
+        match self {
+            Credentials::Password(p) => Some(p),
+            _ => None,
+        }
+    }
+}
+
 /// [`upstream_startup`] on a connection that may offer channel binding: SCRAM-SHA-256-PLUS
 /// is chosen when the server offers it over TLS (unless `channel_binding=disable`).
 pub async fn upstream_startup_bound<S: AsyncRead + AsyncWrite + Unpin>(
@@ -132,6 +156,19 @@ pub async fn upstream_startup_bound<S: AsyncRead + AsyncWrite + Unpin>(
     password: Option<&str>,
     binding: &Binding,
 ) -> Result<UpstreamStartup, UpstreamAuthError> {
+    let creds = password.map_or(Credentials::None, |p| Credentials::Password(p.into()));
+    upstream_login(stream, params, &creds, binding).await
+}
+
+/// [`upstream_startup_bound`] with any kind of [`Credentials`].
+pub async fn upstream_login<S: AsyncRead + AsyncWrite + Unpin>(
+    stream: &mut S,
+    params: &[(&str, &str)],
+    creds: &Credentials,
+    binding: &Binding,
+) -> Result<UpstreamStartup, UpstreamAuthError> {
+    let password = creds.password();
+    let mut keyed: Option<KeyedScram> = None;
     let require_cb = binding.mode == ChannelBindingMode::Require;
     let user = params
         .iter()
@@ -159,7 +196,7 @@ pub async fn upstream_startup_bound<S: AsyncRead + AsyncWrite + Unpin>(
                     0 => {
                         // A SASL exchange must have ended with a verified server signature,
                         // or a fake server could skip proving it knows the password.
-                        if scram.is_some() {
+                        if scram.is_some() || keyed.is_some() {
                             return Err(proto("server skipped the SCRAM final message"));
                         }
                         if require_cb && out.auth != UpstreamAuth::ScramSha256Plus {
@@ -181,16 +218,27 @@ pub async fn upstream_startup_bound<S: AsyncRead + AsyncWrite + Unpin>(
                         out.auth = UpstreamAuth::Cleartext;
                     }
                     5 => {
-                        let pw = password.ok_or(UpstreamAuthError::PasswordRequired)?;
                         let salt: [u8; 4] = payload
                             .try_into()
                             .map_err(|_| proto("bad MD5 salt length"))?;
-                        let hash = md5_hash(user.as_bytes(), pw.as_bytes(), salt);
+                        let hash = match creds {
+                            Credentials::Password(pw) => {
+                                md5_hash(user.as_bytes(), pw.as_bytes(), salt)
+                            }
+                            Credentials::Md5(stored) => super::md5::expected_response(stored, salt),
+                            _ => return Err(UpstreamAuthError::PasswordRequired),
+                        };
                         frontend::password_message(hash.as_bytes(), &mut buf)?;
                         out.auth = UpstreamAuth::Md5;
                     }
                     10 => {
-                        let pw = password.ok_or(UpstreamAuthError::PasswordRequired)?;
+                        let keys = match creds {
+                            Credentials::Scram(k) => Some(k),
+                            _ => None,
+                        };
+                        if password.is_none() && keys.is_none() {
+                            return Err(UpstreamAuthError::PasswordRequired);
+                        }
                         let offers =
                             |m: &str| payload.split(|&b| b == 0).any(|x| x == m.as_bytes());
                         let plus_offered = offers(sasl::SCRAM_SHA_256_PLUS);
@@ -233,14 +281,48 @@ pub async fn upstream_startup_bound<S: AsyncRead + AsyncWrite + Unpin>(
                             }
                             None => (sasl::SCRAM_SHA_256, ChannelBinding::unsupported()),
                         };
-                        let s = ScramSha256::new(pw.as_bytes(), cb);
-                        frontend::sasl_initial_response(mechanism, s.message(), &mut buf)?;
-                        scram = Some(s);
+                        match (password, keys) {
+                            (Some(pw), _) => {
+                                let s = ScramSha256::new(pw.as_bytes(), cb);
+                                frontend::sasl_initial_response(mechanism, s.message(), &mut buf)?;
+                                scram = Some(s);
+                            }
+                            (None, Some(k)) => {
+                                let (gs2, data) = match &binding.end_point {
+                                    Some(ep) if mechanism == sasl::SCRAM_SHA_256_PLUS => {
+                                        ("p=tls-server-end-point,,", ep.as_slice())
+                                    }
+                                    _ if binding.tls
+                                        && !plus_offered
+                                        && binding.mode != ChannelBindingMode::Disable =>
+                                    {
+                                        ("y,,", &[][..])
+                                    }
+                                    _ => ("n,,", &[][..]),
+                                };
+                                let k = KeyedScram::new(k.clone(), gs2, data);
+                                let first = k.client_first(gs2);
+                                frontend::sasl_initial_response(
+                                    mechanism,
+                                    first.as_bytes(),
+                                    &mut buf,
+                                )?;
+                                keyed = Some(k);
+                            }
+                            (None, None) => unreachable!("checked above"),
+                        }
                         out.auth = if mechanism == sasl::SCRAM_SHA_256_PLUS {
                             UpstreamAuth::ScramSha256Plus
                         } else {
                             UpstreamAuth::ScramSha256
                         };
+                    }
+                    11 if keyed.is_some() => {
+                        let k = keyed.as_mut().expect("guarded");
+                        let fin = k
+                            .client_final(payload)
+                            .map_err(|e| proto(format!("SCRAM server-first: {e}")))?;
+                        frontend::sasl_response(fin.as_bytes(), &mut buf)?;
                     }
                     11 => {
                         let s = scram
@@ -249,6 +331,12 @@ pub async fn upstream_startup_bound<S: AsyncRead + AsyncWrite + Unpin>(
                         s.update(payload)
                             .map_err(|e| proto(format!("SCRAM server-first: {e}")))?;
                         frontend::sasl_response(s.message(), &mut buf)?;
+                    }
+                    12 if keyed.is_some() => {
+                        let k = keyed.take().expect("guarded");
+                        k.verify(payload)
+                            .map_err(|e| proto(format!("SCRAM server signature: {e}")))?;
+                        continue;
                     }
                     12 => {
                         let mut s = scram

@@ -1,7 +1,9 @@
 //! Server connections: one bb8 pool per (database, user), connections that log in to the
 //! upstream, are discarded when broken or too old, and never reach another client dirty.
 
-use crate::auth::upstream::{upstream_startup_bound, Binding, UpstreamAuthError};
+use crate::auth::upstream::{
+    upstream_login, upstream_startup_bound, Binding, Credentials, UpstreamAuthError,
+};
 use crate::auth::UserStore;
 use crate::config::{Config, Upstream};
 use crate::guard::{Guard, Lease};
@@ -15,6 +17,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::net::TcpStream;
 
+pub mod auth_query;
 pub mod conn;
 pub mod stats;
 pub use conn::ServerConn;
@@ -81,7 +84,8 @@ pub struct ServerManager {
     tls: Arc<UpstreamTls>,
     user: String,
     database: String,
-    password: Option<String>,
+    /// Learnt at a client's login when not configured (SCRAM keys, an MD5 hash).
+    creds: Arc<RwLock<Credentials>>,
     connect_timeout: Duration,
     lifetime: Option<Duration>,
     guard: Arc<Guard>,
@@ -146,8 +150,8 @@ impl ServerManager {
             params.push(("client_encoding", "UTF8"));
         }
         params.extend_from_slice(login);
-        let st = upstream_startup_bound(&mut stream, &params, self.password.as_deref(), &binding)
-            .await?;
+        let creds = self.creds.read().clone();
+        let st = upstream_login(&mut stream, &params, &creds, &binding).await?;
         tracing::debug!(tls = binding.tls, auth = ?st.auth, backend_pid = st.pid, "server connection logged in");
         // The pool's parameters are those of its own logins, not of a client's.
         if login.is_empty() {
@@ -267,6 +271,7 @@ pub struct PoolEntry {
     pub stats: PoolStats,
     /// Open server connections, for `SHOW SERVERS`.
     pub servers: Arc<ServerList>,
+    creds: Arc<RwLock<Credentials>>,
     params: Arc<RwLock<Vec<(String, String)>>>,
     /// Opens connections with a client's startup parameters (session pooling).
     manager: ServerManager,
@@ -307,6 +312,16 @@ impl PoolEntry {
     /// like the pool's own; the caller puts it in place of one it holds from the pool.
     pub async fn connect_with(&self, login: &[(&str, &str)]) -> Result<ServerConn, PoolError> {
         self.manager.connect_login(login).await
+    }
+
+    /// Takes what a client's login proved (SCRAM keys, a looked-up MD5 hash) as the way to
+    /// log in upstream, unless a password is configured. The latest login wins, so a
+    /// changed password takes effect with the next client that uses it.
+    pub fn learn_credentials(&self, c: Credentials) {
+        let mut cur = self.creds.write();
+        if !matches!(*cur, Credentials::Password(_)) && c != Credentials::None {
+            *cur = c;
+        }
     }
 
     /// The upstream's ParameterStatus set (empty until the first successful login).
@@ -365,6 +380,8 @@ pub struct PoolRegistry {
     guard: Arc<Guard>,
     /// Users file: plain passwords there are used to log in upstream as that user.
     users: RwLock<Arc<UserStore>>,
+    /// Looks up users missing from the users file (`--auth-user`); fixed at start.
+    pub auth_query: Option<auth_query::AuthQuery>,
 }
 
 #[derive(Clone, Debug)]
@@ -393,6 +410,17 @@ impl PoolRegistry {
         users: Arc<UserStore>,
         tls: Arc<UpstreamTls>,
     ) -> Self {
+        let auth_query = cfg.auth_user.as_ref().map(|u| {
+            let aq = auth_query::AuthQueryConfig {
+                user: u.clone(),
+                creds: configured_credentials(&users, &cfg.upstream, u),
+                query: cfg.auth_query.clone(),
+                dbname: cfg.auth_dbname.clone(),
+                ttl: cfg.auth_cache_ttl,
+                timeout: cfg.connect_timeout,
+            };
+            auth_query::AuthQuery::new(aq, cfg.upstream.clone(), tls.clone())
+        });
         PoolRegistry {
             tls,
             pools: Mutex::new(HashMap::new()),
@@ -400,6 +428,7 @@ impl PoolRegistry {
             upstream: cfg.upstream.clone(),
             guard,
             users: RwLock::new(users),
+            auth_query,
         }
     }
 
@@ -416,16 +445,8 @@ impl PoolRegistry {
             return p.clone();
         }
         let s = self.settings.read().clone();
-        let from_file = self
-            .users
-            .read()
-            .get(user)
-            .and_then(|u| u.plain_password().map(str::to_string));
-        let password = from_file.or_else(|| {
-            (user == self.upstream.user)
-                .then(|| self.upstream.password.clone())
-                .flatten()
-        });
+        let creds = configured_credentials(&self.users.read(), &self.upstream, user);
+        let creds = Arc::new(RwLock::new(creds));
         let label: Arc<str> = format!("{database}/{user}").into();
         let params = Arc::new(RwLock::new(Vec::new()));
         let failures = Arc::new(ConnectFailures::default());
@@ -437,7 +458,7 @@ impl PoolRegistry {
             tls: self.tls.clone(),
             user: user.to_string(),
             database: database.to_string(),
-            password,
+            creds: creds.clone(),
             connect_timeout: s.connect_timeout,
             lifetime: s.lifetime,
             guard: self.guard.clone(),
@@ -464,6 +485,7 @@ impl PoolRegistry {
             capacity: s.size,
             stats: PoolStats::default(),
             servers,
+            creds,
             params,
             manager,
         });
@@ -489,6 +511,26 @@ impl PoolRegistry {
                 .set(st.idle_connections as f64);
         }
     }
+}
+
+/// How to log in upstream as `user` from configuration alone: the users file's password or
+/// MD5 hash, else the upstream URL's password for its own user.
+fn configured_credentials(users: &UserStore, upstream: &Upstream, user: &str) -> Credentials {
+    let from_file = users.get(user).and_then(|u| {
+        u.plain_password()
+            .map(|p| Credentials::Password(p.to_string()))
+            .or_else(|| match &u.secret {
+                crate::auth::Secret::Md5(h) => Some(Credentials::Md5(h.clone())),
+                _ => None,
+            })
+    });
+    from_file
+        .or_else(|| {
+            (user == upstream.user)
+                .then(|| upstream.password.clone().map(Credentials::Password))
+                .flatten()
+        })
+        .unwrap_or_default()
 }
 
 /// Opens one connection outside any pool (health checks).

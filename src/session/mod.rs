@@ -41,30 +41,18 @@ pub async fn run(sock: TcpStream, shared: Arc<Shared>) {
         return;
     };
     drop(tls);
-    let users = shared.users();
-    let auth = tokio::time::timeout(
-        cfg.startup_timeout,
-        startup::authenticate(&mut client, cfg.auth, &info.user, &users),
-    )
-    .await;
-    match auth {
-        Ok(Ok(())) => {}
-        Ok(Err(Refusal(code, msg))) => {
-            info!(user = %info.user, code, "authentication failed");
-            startup::send_fatal(&mut client, code, &msg).await;
-            return;
-        }
-        Err(_) => {
-            startup::send_fatal(&mut client, "08P01", "pgsluice: authentication timed out").await;
-            return;
-        }
-    }
+    // Boxed: a lookup and an authentication exchange would otherwise enlarge every session's
+    // future for its whole life.
+    let Some(learnt) = Box::pin(login(&mut client, &shared, &cfg, &info)).await else {
+        return;
+    };
     if crate::console::is_console(&info.database) {
         // Boxed: the console's state would otherwise enlarge every session's future.
         let ci = client_info(&client, &info);
         return Box::pin(crate::console::run(client, shared, ci)).await;
     }
     let pool = shared.pools.get_or_create(&info.database, &info.user);
+    pool.learn_credentials(learnt);
     pool.stats.login();
     let identity: Arc<str> = info
         .application_name
@@ -105,6 +93,54 @@ pub async fn run(sock: TcpStream, shared: Arc<Shared>) {
         s.serve().await;
     }
     s.finish().await;
+}
+
+/// Authenticates the client (looking it up upstream when `--auth-user` is set and the users
+/// file does not know it). Returns what the login proved for logging in upstream as the
+/// client, or None once the client was refused.
+async fn login(
+    client: &mut ClientStream,
+    shared: &Shared,
+    cfg: &Config,
+    info: &StartupInfo,
+) -> Option<crate::auth::Credentials> {
+    let users = shared.users();
+    let looked_up = match (users.get(&info.user), &shared.pools.auth_query) {
+        (None, Some(aq)) if cfg.auth != crate::auth::AuthMethod::Trust => {
+            match aq.lookup(&info.user, &info.database).await {
+                Ok(e) => e,
+                Err(e) => {
+                    warn!(error = %e, "auth query failed");
+                    let msg = "pgsluice: cannot look up users on the upstream right now";
+                    startup::send_fatal(client, "08006", msg).await;
+                    return None;
+                }
+            }
+        }
+        _ => None,
+    };
+    let entry = users.get(&info.user).or(looked_up.as_ref());
+    let auth = tokio::time::timeout(
+        cfg.startup_timeout,
+        startup::authenticate(client, cfg.auth, &info.user, entry),
+    )
+    .await;
+    match auth {
+        Ok(Ok(a)) => Some(match (a.scram_keys, entry.map(|e| &e.secret)) {
+            (Some(k), _) => crate::auth::Credentials::Scram(k),
+            (None, Some(crate::auth::Secret::Md5(h))) => crate::auth::Credentials::Md5(h.clone()),
+            _ => crate::auth::Credentials::None,
+        }),
+        Ok(Err(Refusal(code, msg))) => {
+            info!(user = %info.user, code, "authentication failed");
+            startup::send_fatal(client, code, &msg).await;
+            None
+        }
+        Err(_) => {
+            startup::send_fatal(client, "08P01", "pgsluice: authentication timed out").await;
+            None
+        }
+    }
 }
 
 /// Who the client is, for the console's `SHOW CLIENTS`.

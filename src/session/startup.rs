@@ -1,7 +1,7 @@
 //! A client's first packets: TLS negotiation (GSS encryption is declined), cancel requests,
 //! the StartupMessage and authentication.
 
-use crate::auth::{self, AuthMethod, UserStore};
+use crate::auth::{self, AuthMethod};
 use crate::cancel::CancelRegistry;
 use crate::config::TlsMode;
 use crate::protocol::{self, ProtocolError, Severity, StartupPacket};
@@ -155,9 +155,9 @@ pub async fn authenticate(
     client: &mut ClientStream,
     method: AuthMethod,
     user: &str,
-    users: &UserStore,
-) -> Result<(), Refusal> {
-    auth::authenticate_client(client, method, user, users)
+    entry: Option<&auth::UserEntry>,
+) -> Result<auth::Authenticated, Refusal> {
+    auth::authenticate_entry(client, method, user, entry)
         .await
         .map_err(|e| Refusal(e.sqlstate(), e.client_message()))
 }
