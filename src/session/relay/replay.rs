@@ -192,7 +192,7 @@ impl RelayState {
         self.rw_pos = 0;
         self.rw_stream = 0;
         self.copy_rw = IgnoredSyncs::default();
-        self.expect.clear();
+        self.expect.unwind(&mut self.stmts);
         self.params.abandon();
         self.saw_error = false;
         self.server_fatal = false;
