@@ -111,7 +111,7 @@ impl Session {
         protocol::error_response(&mut b, Severity::Error, code, msg, hint);
         if self.st.drop_first_batch() {
             protocol::ready_for_query(&mut b, self.st.status);
-            self.st.answered_by_proxy();
+            self.st.after_refusal();
         }
         startup::send(&mut self.client, &b).await.map_err(|_| ())
     }

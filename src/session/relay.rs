@@ -411,8 +411,9 @@ impl RelayState {
         }
     }
 
-    /// The proxy answered the client's batches itself (refused, or lost with their server).
-    pub(super) fn answered_by_proxy(&mut self) {
+    /// The proxy refused the client's first batch: when it was the last one, its tail is
+    /// the stream's.
+    pub(super) fn after_refusal(&mut self) {
         if self.ends.is_empty() && !self.open_batch && self.cscan.at_boundary() {
             self.unstarted_copy.arm(&self.copy_scan);
         }
@@ -429,8 +430,9 @@ impl RelayState {
         // CopyFail (answering now would answer that Sync's batch twice).
         let copy_syncs = self.copy_scan.syncs_of_open_copy();
         owed = owed.saturating_sub(copy_syncs);
-        if copy_syncs == 0 {
-            self.answered_by_proxy();
+        if copy_syncs == 0 && !self.open_batch && self.cscan.at_boundary() {
+            // Every batch, sent or not, is answered now: the stream's tail is the last's.
+            self.unstarted_copy.arm(&self.copy_scan);
         }
         self.pending = 0;
         self.ends.clear();
