@@ -474,10 +474,8 @@ impl Expectations {
                 Expect::Parse {
                     def: Def::New(c, stmt),
                     ..
-                } => {
-                    if client.get(&c).is_some_and(|s| Arc::ptr_eq(&s, &stmt)) {
-                        client.remove(&c);
-                    }
+                } if client.get(&c).is_some_and(|s| Arc::ptr_eq(&s, &stmt)) => {
+                    client.remove(&c);
                 }
                 Expect::Dealloc {
                     client: c, stmt, ..

@@ -4,7 +4,6 @@
 use super::{sql, startup_set, Mode, ParamSet, Tracker, APPLICATION_NAME, TRACKED};
 use crate::pool::ServerConn;
 use crate::protocol::{self, ErrorFields, FrameScanner};
-use crate::session::relay::RelayState;
 use crate::session::startup::Refusal;
 use crate::session::Session;
 use bytes::BytesMut;
