@@ -459,3 +459,37 @@ async fn idle_client_sees_its_server_terminated_and_is_disconnected() {
         proxy.shutdown().await;
     }
 }
+
+/// The first batch on a connection that turns out dead defines a prepared statement (how
+/// tokio-postgres starts `prepare`, `execute` with SQL text, `copy_in`): its resend must
+/// define it afresh, not find the name taken by the dead server's rewrite (42P05).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resent_batch_defines_its_statements_again() {
+    let pg = cluster().await;
+    for fatal in [false, true] {
+        let trap = Trapdoor::start(pg.addr(), fatal).await;
+        let url = format!("postgres://postgres@{}/postgres", trap.addr);
+        let proxy =
+            TestProxy::start_upstream(&url, &["--pool-mode", "transaction", "--pool-size", "3"])
+                .await;
+        warm(&proxy, 3).await;
+        let c = proxy.client().await;
+        trap.arm();
+        let what = format!("fatal={fatal}");
+        // Every pooled connection is dead: the prepare's batch is resent until it reaches
+        // a new one, each time rewritten anew.
+        let st = c
+            .prepare("SELECT $1::int + 1")
+            .await
+            .unwrap_or_else(|e| panic!("{what}: prepare on a resent batch: {e:?}"));
+        let v: i32 = c.query_one(&st, &[&41]).await.expect(&what).get(0);
+        assert_eq!(v, 42, "{what}");
+        let v: i32 = c
+            .query_one("SELECT $1::int * 2", &[&21])
+            .await
+            .expect(&what)
+            .get(0);
+        assert_eq!(v, 42, "{what}");
+        proxy.shutdown().await;
+    }
+}

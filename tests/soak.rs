@@ -14,7 +14,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::{ProxyProcess, TempPostgres};
+use common::recorder::Recorder;
+use common::{LogOpts, ProxyProcess, TempPostgres};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use tokio::task::JoinHandle;
@@ -35,6 +36,18 @@ const EXPECTED: &[&str] = &[
     "closed",
 ];
 
+/// Out-of-step answers explained in full at the end, at most.
+const INCIDENTS: usize = 12;
+
+/// A client that got an answer not belonging to its request: what it saw.
+struct Incident {
+    worker: usize,
+    what: String,
+    /// The relay's address towards the proxy (the proxy logs it as the session's peer).
+    peer: Option<std::net::SocketAddr>,
+    transcript: String,
+}
+
 #[derive(Default)]
 struct Stats {
     ops: Mutex<BTreeMap<&'static str, u64>>,
@@ -43,13 +56,34 @@ struct Stats {
     stalls: AtomicU64,
     kills: AtomicU64,
     tags: AtomicU64,
+    incidents: Mutex<Vec<Incident>>,
+    /// Upstream restarts: (start, end, kind), relative to the soak's start.
+    restarts: Mutex<Vec<(Duration, Duration, &'static str)>>,
 }
 
 impl Stats {
     fn ok(&self, op: &'static str) {
         *self.ops.lock().unwrap().entry(op).or_default() += 1;
     }
-    fn err(&self, op: &'static str, e: &tokio_postgres::Error) {
+
+    /// Keeps the client's transcript; a moment later, so the answer that surprised the
+    /// client has been recorded too (the relay forwards first, records after).
+    async fn incident(&self, worker: usize, what: String, rec: &Recorder) {
+        if self.incidents.lock().unwrap().len() >= INCIDENTS {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let Some(t) = rec.current() else { return };
+        self.incidents.lock().unwrap().push(Incident {
+            worker,
+            what,
+            peer: t.proxy_side(),
+            transcript: t.render(),
+        });
+    }
+
+    /// Counts an error; true when it is none of the documented kinds.
+    fn err(&self, op: &'static str, e: &tokio_postgres::Error) -> bool {
         let class = match e.code() {
             Some(c) => c.code().to_string(),
             None if e.is_closed() => "closed".into(),
@@ -69,6 +103,7 @@ impl Stats {
             .unwrap()
             .entry(format!("{class} ({op})"))
             .or_default() += 1;
+        class.starts_with("other")
     }
 }
 
@@ -213,7 +248,11 @@ async fn kill_mid_work(c: Conn, rng: &mut StdRng, tag: i64) {
     c.kill();
 }
 
-async fn worker(url: String, deadline: Instant, stats: Arc<Stats>, seed: u64, worker_no: usize) {
+async fn worker(rec: Recorder, deadline: Instant, stats: Arc<Stats>, seed: u64, worker_no: usize) {
+    let url = format!(
+        "postgres://postgres@{}/postgres?connect_timeout=10",
+        rec.addr()
+    );
     let mut rng = StdRng::seed_from_u64(seed);
     let mut conn: Option<Conn> = None;
     while Instant::now() < deadline {
@@ -268,12 +307,19 @@ async fn worker(url: String, deadline: Instant, stats: Arc<Stats>, seed: u64, wo
                     .unwrap()
                     .entry(format!("wrong result ({name})"))
                     .or_default() += 1;
+                stats
+                    .incident(worker_no, format!("wrong result ({name})"), &rec)
+                    .await;
                 // A connection that answered the wrong request is not to be trusted again.
                 c.kill();
                 continue;
             }
             Err(e) => {
-                stats.err(name, &e);
+                if stats.err(name, &e) {
+                    stats
+                        .incident(worker_no, format!("{name}: {e}"), &rec)
+                        .await;
+                }
                 if c.client.is_closed() {
                     c.kill();
                     continue;
@@ -296,6 +342,8 @@ async fn chaos(
     deadline: Instant,
     period: Duration,
     seed: u64,
+    t0: Instant,
+    stats: Arc<Stats>,
 ) -> (u32, Duration) {
     let mut rng = StdRng::seed_from_u64(seed ^ 0x5eed);
     let (mut n, mut worst) = (0u32, Duration::ZERO);
@@ -318,6 +366,12 @@ async fn chaos(
         })
         .await
         .expect("restart upstream");
+        let kind = if immediate { "immediate" } else { "fast" };
+        stats
+            .restarts
+            .lock()
+            .unwrap()
+            .push((t - t0, t0.elapsed(), kind));
         worst = worst.max(t.elapsed());
         n += 1;
     }
@@ -351,6 +405,37 @@ async fn sample(proxy: &ProxyProcess, t0: Instant) -> Sample {
     }
 }
 
+/// Each out-of-step client's transcript, the restarts around it and the proxy's log lines
+/// for its session.
+fn report_incidents(stats: &Stats, proxy: &ProxyProcess, wall0: &str) {
+    let incidents = stats.incidents.lock().unwrap();
+    if incidents.is_empty() {
+        return;
+    }
+    eprintln!("soak: times below are seconds since {wall0} (the proxy logs wall-clock UTC)");
+    for (at, done, kind) in stats.restarts.lock().unwrap().iter() {
+        eprintln!(
+            "soak: restart ({kind}) {:.3}s .. {:.3}s",
+            at.as_secs_f64(),
+            done.as_secs_f64()
+        );
+    }
+    for (n, inc) in incidents.iter().enumerate() {
+        eprintln!(
+            "soak: incident {n}: worker {}: {}; proxy sees the client as {:?}",
+            inc.worker, inc.what, inc.peer
+        );
+        eprint!("{}", inc.transcript);
+        if let Some(peer) = inc.peer {
+            let lines = proxy.log_lines_with(&format!("peer={peer}"));
+            eprintln!("  proxy log lines for peer={peer}: {}", lines.len());
+            for l in lines.iter().rev().take(60).rev() {
+                eprintln!("    {l}");
+            }
+        }
+    }
+}
+
 fn secs_from_env() -> u64 {
     std::env::var("PGSLUICE_SOAK_SECS")
         .ok()
@@ -379,7 +464,8 @@ async fn soak_mixed_load_with_kills_and_restarts() {
         String::from_utf8_lossy(&out.stderr)
     );
     let pool = POOL.to_string();
-    let proxy = ProxyProcess::start(
+    // Debug lines of the session explain an incident; they are few per query.
+    let proxy = ProxyProcess::start_logged(
         &pg.url(),
         &[
             "--pool-size",
@@ -399,9 +485,14 @@ async fn soak_mixed_load_with_kills_and_restarts() {
             "--breaker-max-cooldown",
             "1s",
         ],
+        LogOpts {
+            filter: "info,pgsluice=debug",
+            keep: 200_000,
+        },
     )
     .await;
     let t0 = Instant::now();
+    let wall0 = humantime::format_rfc3339_micros(std::time::SystemTime::now()).to_string();
     let start = sample(&proxy, t0).await;
     let metrics_start = (
         proxy.metric_sum("pgsluice_client_connections", "").await,
@@ -410,20 +501,21 @@ async fn soak_mixed_load_with_kills_and_restarts() {
 
     let stats = Arc::new(Stats::default());
     let deadline = Instant::now() + Duration::from_secs(secs);
-    let workers: Vec<_> = (0..WORKERS)
-        .map(|i| {
-            tokio::spawn(worker(
-                proxy.url(),
-                deadline,
-                stats.clone(),
-                seed + i as u64,
-                i,
-            ))
-        })
-        .collect();
+    let mut workers = Vec::with_capacity(WORKERS);
+    for i in 0..WORKERS {
+        // One recorder per worker: its newest connection is the worker's current one.
+        let rec = Recorder::start(proxy.addr(), t0).await;
+        workers.push(tokio::spawn(worker(
+            rec,
+            deadline,
+            stats.clone(),
+            seed + i as u64,
+            i,
+        )));
+    }
     // About one restart per 30 s in a long run; two or three in a short one.
     let period = Duration::from_secs((secs / 20).clamp(5, 30));
-    let chaos = tokio::spawn(chaos(pg.clone(), deadline, period, seed));
+    let chaos = tokio::spawn(chaos(pg.clone(), deadline, period, seed, t0, stats.clone()));
     let mut series = vec![start];
     while Instant::now() < deadline {
         tokio::time::sleep(Duration::from_secs(5).min(deadline - Instant::now())).await;
@@ -513,6 +605,7 @@ async fn soak_mixed_load_with_kills_and_restarts() {
         "soak: metrics client/server connections start {metrics_start:?} end {metrics_end:?}; \
          database client backends {backends}, idle in transaction {idle_in_tx}"
     );
+    report_incidents(&stats, &proxy, &wall0);
     for s in &series {
         eprintln!(
             "soak: t={:>4}s RSS {} KiB, fds {}, clients {}, server connections {}",

@@ -26,6 +26,23 @@ impl IgnoredSyncs {
         self.last == b'E'
     }
 
+    /// Syncs sent since the Execute of an extended-protocol COPY FROM STDIN whose data is
+    /// still to come: the server ignores them, the COPY is answered at the Sync after its
+    /// CopyDone or CopyFail. 0 when no such COPY is under way.
+    pub(super) fn syncs_of_open_copy(&self) -> usize {
+        if self.server_in_copy && self.extended() {
+            self.syncs
+        } else {
+            0
+        }
+    }
+
+    /// The client's last messages were `Execute, Sync` and the server never entered
+    /// copy-in mode for them.
+    fn ended_in_execute_sync(&self) -> bool {
+        self.extended() && self.syncs > 0 && !self.server_in_copy
+    }
+
     /// Feeds one message tag; returns how many of the Syncs before it turned out to be
     /// ignored (non-zero only at the CopyDone/CopyFail of a COPY started by an Execute).
     pub fn on_message(&mut self, tag: u8) -> usize {
@@ -45,6 +62,33 @@ impl IgnoredSyncs {
                 0
             }
         }
+    }
+}
+
+/// A batch ending in `Execute, Sync` that the proxy answered itself (a refusal, or an
+/// error for a lost server) before any CopyInResponse. When that Execute was a COPY FROM
+/// STDIN, tokio-postgres (which sends its data only after CopyInResponse) then ends the
+/// COPY it never started with `CopyFail, Sync` and expects no answer to that Sync: it
+/// counts on the server ignoring it as in copy-in mode. PostgreSQL would answer it with
+/// ReadyForQuery, and tokio-postgres would take that as the answer to its next request
+/// (rust-postgres issue 789); PostgreSQL rarely fails a COPY at that point, the proxy's
+/// shedding often does. So the proxy drops that CopyFail (or CopyDone) and everything up
+/// to and including the next Sync, unanswered, when they are the very next messages.
+#[derive(Default)]
+pub struct UnstartedCopy {
+    armed: bool,
+}
+
+impl UnstartedCopy {
+    /// The proxy has just answered the client's last batch itself.
+    pub(super) fn arm(&mut self, copy: &IgnoredSyncs) {
+        self.armed = copy.ended_in_execute_sync();
+    }
+
+    /// The next client message: true when it is the CopyFail or CopyDone to drop. Any
+    /// message disarms.
+    pub(super) fn ends_copy(&mut self, tag: u8) -> bool {
+        std::mem::take(&mut self.armed) && matches!(tag, b'c' | b'f')
     }
 }
 

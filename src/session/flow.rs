@@ -111,6 +111,7 @@ impl Session {
         protocol::error_response(&mut b, Severity::Error, code, msg, hint);
         if self.st.drop_first_batch() {
             protocol::ready_for_query(&mut b, self.st.status);
+            self.st.after_refusal();
         }
         startup::send(&mut self.client, &b).await.map_err(|_| ())
     }
@@ -294,6 +295,16 @@ impl Session {
         self.shared.guard.record_failure();
         let in_tx = self.st.status != b'I';
         let clean = self.st.sscan.at_boundary() && self.st.s2c.is_empty();
+        debug!(
+            pending = self.st.pending,
+            unsent = self.st.ends.len(),
+            injected = self.st.params.injected_owed(),
+            open_batch = self.st.open_batch,
+            status = %(self.st.status as char),
+            clean,
+            fatal_to_client = self.st.fatal_to_client,
+            "server lost: settling what the client is owed"
+        );
         let owed = self.st.abandon_server();
         self.st.status = b'I';
         self.st.s2c.clear();
@@ -337,7 +348,7 @@ impl Session {
             lost(&mut b);
             protocol::ready_for_query(&mut b, b'I');
         }
-        if self.st.discarding {
+        if self.st.discarding && !self.st.discard_silent {
             // The unfinished batch gets its error now and its ReadyForQuery at its Sync.
             lost(&mut b);
         }

@@ -463,6 +463,36 @@ impl Expectations {
         }
     }
 
+    /// Every batch rewritten for this server goes to another one unanswered (a dead server's
+    /// batches are resent): the client's statements go back to what they were before those
+    /// batches were rewritten, so the resend rewrites them as the first time. Without this,
+    /// a resent defining Parse finds its name taken and fails with 42P05.
+    pub fn unwind(&mut self, client: &mut ClientStatements) {
+        // Newest first: a name defined and closed in the same batches ends as before both.
+        while let Some(e) = self.queue.pop_back() {
+            match e {
+                Expect::Parse {
+                    def: Def::New(c, stmt),
+                    ..
+                } if client.get(&c).is_some_and(|s| Arc::ptr_eq(&s, &stmt)) => {
+                    client.remove(&c);
+                }
+                Expect::Dealloc {
+                    client: c, stmt, ..
+                } => {
+                    client.rare().map.entry(c).or_insert(stmt);
+                }
+                Expect::DropAll { saved } => {
+                    for (k, v) in saved {
+                        client.rare().map.entry(k).or_insert(v);
+                    }
+                }
+                _ => {}
+            }
+        }
+        client.server_lost();
+    }
+
     /// The newest `n` expected ReadyForQuery will not come: their Syncs reached a server
     /// in copy-in mode.
     pub fn forget_syncs(&mut self, n: usize) {

@@ -4,7 +4,7 @@
 //! ReadyForQuery and its transaction status, Terminate, fatal server errors.
 
 use super::bufpool::Buf;
-use super::copyin::IgnoredSyncs;
+use super::copyin::{IgnoredSyncs, UnstartedCopy};
 use super::params::Tracker;
 use super::prepared::{self, ClientStatements, Expectations, ServerStatements, Verdict};
 use crate::pool::ServerConn;
@@ -73,6 +73,10 @@ pub struct RelayState {
     pub discarding: bool,
     /// Set by the scan when a discarded batch has ended: answer it with ReadyForQuery.
     pub discard_done: bool,
+    /// The bytes being discarded get no answer at all (see [`UnstartedCopy`]).
+    pub(super) discard_silent: bool,
+    /// The end of a COPY that never started may follow.
+    pub(super) unstarted_copy: UnstartedCopy,
     /// The Terminate message was cut in two by a read; part of it may be upstream.
     pub terminate_split: bool,
     /// The server sent an ErrorResponse during the current batch.
@@ -125,6 +129,8 @@ impl RelayState {
             rewrite_cancel: None,
             discarding: false,
             discard_done: false,
+            discard_silent: false,
+            unstarted_copy: UnstartedCopy::default(),
             terminate_split: false,
             saw_error: false,
             counts: Default::default(),
@@ -292,17 +298,35 @@ impl RelayState {
         let mut cut_terminate: Option<usize> = None;
         let mut discard_to: Option<usize> = None;
         let mut split = false;
-        let discarding = self.discarding;
+        let mut discarding = self.discarding;
+        let mut silent = self.discard_silent;
+        let unsent_from = self.c2s.pos;
         let ends = &mut self.ends;
         let open_batch = &mut self.open_batch;
         let params = &mut self.params;
         let pending = &mut self.pending;
         let copy = &mut self.copy_scan;
         let counts = &mut self.counts;
+        let unstarted = &mut self.unstarted_copy;
         let chunk = self.c2s.filled_from(from);
         counts.received += chunk.len() as u64;
-        let mut flow = |tag: u8, start: Option<usize>, end: usize| {
+        let mut flow = |tag: u8, start: Option<usize>, end: usize, len: usize| {
             let abs_end = from + end;
+            // None for a message whose start was forwarded already (or cut from the buffer).
+            let abs_start = abs_end.checked_sub(5 + len);
+            if unstarted.ends_copy(tag)
+                && !discarding
+                && abs_start == Some(unsent_from)
+                && ends.is_empty()
+                && *pending == 0
+                && !*open_batch
+            {
+                // Dropped with what follows up to its Sync; the COPY's answer went out.
+                discarding = true;
+                silent = true;
+                copy.on_message(tag);
+                return ControlFlow::Continue(());
+            }
             match tag {
                 b'P' => counts.client_parses += 1,
                 b'B' => counts.binds += 1,
@@ -349,7 +373,7 @@ impl RelayState {
                 let whole = ev.start.map(|s| &chunk[s..ev.end]);
                 params.on_client_msg(ev.tag, ev.body, whole);
             }
-            flow(ev.tag, ev.start, ev.end)
+            flow(ev.tag, ev.start, ev.end, ev.len)
         })?;
         if let Some(at) = cut_terminate {
             // Nothing after Terminate matters; never forward it (the server would close).
@@ -357,7 +381,7 @@ impl RelayState {
             self.terminated = true;
             self.terminate_split = split;
         }
-        if self.discarding {
+        if discarding {
             let drop_to = discard_to.unwrap_or(self.c2s.end);
             let base = self.c2s.pos;
             self.c2s.remove(base, drop_to);
@@ -365,9 +389,10 @@ impl RelayState {
             for e in self.ends.iter_mut() {
                 *e -= shift;
             }
+            self.discarding = discard_to.is_none();
+            self.discard_silent = silent && self.discarding;
             if discard_to.is_some() {
-                self.discarding = false;
-                self.discard_done = true;
+                self.discard_done = !silent;
                 self.open_batch = false;
             }
         }
@@ -390,8 +415,17 @@ impl RelayState {
             None => {
                 self.c2s.clear();
                 self.discarding = true;
+                self.discard_silent = false;
                 false
             }
+        }
+    }
+
+    /// The proxy refused the client's first batch: when it was the last one, its tail is
+    /// the stream's.
+    pub(super) fn after_refusal(&mut self) {
+        if self.ends.is_empty() && !self.open_batch && self.cscan.at_boundary() {
+            self.unstarted_copy.arm(&self.copy_scan);
         }
     }
 
@@ -399,12 +433,24 @@ impl RelayState {
     /// waits on (forwarded or not), each of which gets an error and a ReadyForQuery.
     pub fn abandon_server(&mut self) -> usize {
         // The client waits on its own batches only, not on injected parameter queries.
-        let owed = (self.pending + self.ends.len()).saturating_sub(self.params.injected_owed());
+        let mut owed = (self.pending + self.ends.len()).saturating_sub(self.params.injected_owed());
+        // An extended-protocol COPY FROM STDIN whose data is still coming: the Syncs since
+        // its Execute are not answered. As from a server that failed in copy-in mode, the
+        // client gets its error now and ReadyForQuery at the Sync after its CopyDone or
+        // CopyFail (answering now would answer that Sync's batch twice).
+        let copy_syncs = self.copy_scan.syncs_of_open_copy();
+        owed = owed.saturating_sub(copy_syncs);
+        if copy_syncs == 0 && !self.open_batch && self.cscan.at_boundary() {
+            // Every batch, sent or not, is answered now: the stream's tail is the last's.
+            self.unstarted_copy.arm(&self.copy_scan);
+        }
         self.pending = 0;
         self.ends.clear();
         self.c2s.clear();
-        if self.open_batch || !self.cscan.at_boundary() {
+        let unanswered = self.discarding && self.discard_silent;
+        if !unanswered && (self.open_batch || !self.cscan.at_boundary() || copy_syncs > 0) {
             self.discarding = true;
+            self.discard_silent = false;
         }
         self.open_batch = false;
         self.rewrite_cancel = None;

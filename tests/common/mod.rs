@@ -7,11 +7,12 @@ pub mod process;
 pub mod proxy;
 pub mod raw;
 pub mod raw_simple;
+pub mod recorder;
 pub mod shim;
 pub mod steps;
 
 pub use pg::{connect, try_connect, HostAuth, TempPostgres};
-pub use process::ProxyProcess;
+pub use process::{LogOpts, ProxyProcess};
 pub use proxy::TestProxy;
 pub use raw_simple::{PgError, Raw};
 pub use shim::{FaultShim, Mode};

@@ -21,6 +21,21 @@ pub struct ProxyProcess {
     log: Arc<Mutex<VecDeque<String>>>,
 }
 
+/// The proxy's log filter (`PGSLUICE_LOG`) and how many of its newest lines are kept.
+pub struct LogOpts<'a> {
+    pub filter: &'a str,
+    pub keep: usize,
+}
+
+impl Default for LogOpts<'_> {
+    fn default() -> Self {
+        LogOpts {
+            filter: "warn",
+            keep: LOG_TAIL,
+        }
+    }
+}
+
 fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
@@ -32,6 +47,16 @@ impl ProxyProcess {
     /// Starts `pgsluice` on free loopback ports with `extra_flags` and waits until `/readyz`
     /// answers 200 (the upstream passed a health check).
     pub async fn start(upstream: &str, extra_flags: &[&str]) -> ProxyProcess {
+        Self::start_logged(upstream, extra_flags, LogOpts::default()).await
+    }
+
+    /// Same, with the proxy's log filter and the number of log lines kept chosen.
+    pub async fn start_logged(
+        upstream: &str,
+        extra_flags: &[&str],
+        log_opts: LogOpts<'_>,
+    ) -> ProxyProcess {
+        let keep = log_opts.keep.max(1);
         let mut last = String::new();
         // A port picked free can be taken before the child binds it; retry on fresh ports.
         for _ in 0..3 {
@@ -42,7 +67,7 @@ impl ProxyProcess {
                 .args(["--admin-listen", &admin.to_string()])
                 .args(["--upstream", upstream])
                 .args(extra_flags)
-                .env("PGSLUICE_LOG", "warn")
+                .env("PGSLUICE_LOG", log_opts.filter)
                 .stdin(Stdio::null())
                 .stdout(Stdio::null())
                 .stderr(Stdio::piped())
@@ -55,7 +80,7 @@ impl ProxyProcess {
             std::thread::spawn(move || {
                 for line in BufReader::new(stderr).lines().map_while(Result::ok) {
                     let mut l = sink.lock().unwrap();
-                    if l.len() == LOG_TAIL {
+                    if l.len() >= keep {
                         l.pop_front();
                     }
                     l.push_back(line);
@@ -112,6 +137,12 @@ impl ProxyProcess {
 
     pub fn open_fds(&self) -> usize {
         open_fds(self.pid())
+    }
+
+    /// Kept log lines that contain `needle`.
+    pub fn log_lines_with(&self, needle: &str) -> Vec<String> {
+        let l = self.log.lock().unwrap();
+        l.iter().filter(|x| x.contains(needle)).cloned().collect()
     }
 
     pub fn log_tail(&self) -> String {

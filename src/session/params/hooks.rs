@@ -4,7 +4,6 @@
 use super::{sql, startup_set, Mode, ParamSet, Tracker, APPLICATION_NAME, TRACKED};
 use crate::pool::ServerConn;
 use crate::protocol::{self, ErrorFields, FrameScanner};
-use crate::session::relay::RelayState;
 use crate::session::startup::Refusal;
 use crate::session::Session;
 use bytes::BytesMut;
@@ -199,23 +198,6 @@ fn login_key(canonical: &[(usize, String)]) -> ParamSet {
     key
 }
 
-/// Puts a whole batch (a simple Query) ahead of all unsent client bytes, on a server with
-/// nothing in flight. False when that is not the case.
-fn inject_front(st: &mut RelayState, msg: &[u8]) -> bool {
-    if st.pending > 0 || st.rw_stream > 0 || !st.s2c.is_empty() || !st.expect.is_empty() {
-        return false;
-    }
-    let at = st.c2s.pos;
-    st.c2s.splice(at, at, msg);
-    for e in st.ends.iter_mut() {
-        *e += msg.len();
-    }
-    st.ends.push_front(at + msg.len());
-    // The injected bytes need no statement rewriting.
-    st.rw_pos = st.rw_pos.max(at) + msg.len();
-    true
-}
-
 impl Session {
     /// Starts tracking with the client's checked startup values; `server` is the
     /// upstream's ParameterStatus set.
@@ -298,7 +280,7 @@ impl Session {
         let sql = sql::sync_sql(&self.st.params.current, &server.params);
         let mut b = BytesMut::with_capacity(sql.len() + 8);
         protocol::query(&mut b, &sql);
-        if inject_front(&mut self.st, &b) {
+        if self.st.inject_front(&b) {
             debug!(identity = %self.identity, %sql, "replaying session parameters");
             self.st.params.injected();
             server.params = self.st.params.current.clone();

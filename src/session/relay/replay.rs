@@ -1,15 +1,21 @@
 //! Resending a batch whose server was already dead. A pooled connection can die between
-//! the checkout check and the first write (the reactor had not yet seen the FIN). Until
-//! the first server byte after a fresh checkout, the relay keeps the client's raw bytes
-//! and holds the server's bytes unscanned; EOF, an error, or a first message saying the
-//! backend was terminated means nothing ran there, so the bytes go back into `c2s` and
-//! the session sends them to another server instead of failing the batch.
+//! the checkout check and the first write (the reactor had not yet seen the FIN). The
+//! first batch on a fresh checkout goes out behind a marker, a Sync, and until the server
+//! answers the marker the relay keeps the client's raw bytes and holds the server's bytes
+//! unscanned. EOF, an error, or a message saying the backend was terminated before that
+//! answer means the backend never read the batch, so the bytes go back into `c2s` and the
+//! session sends them to another server instead of failing the batch. Once the marker is
+//! answered, a failure is reported: the batch may have run (and committed) even when
+//! nothing of its answer arrives, e.g. a backend killed with its output still buffered.
 
 use super::{IgnoredSyncs, RelayEvent, RelayState, MAX_REPLAY, MAX_RETRIES};
 use crate::protocol::{self, ProtocolError};
 use crate::session::prepared::ServerStatements;
 use std::collections::VecDeque;
 use std::io;
+
+/// Sync, sent ahead of the first batch on a fresh checkout.
+const MARKER: &[u8] = &[b'S', 0, 0, 0, 4];
 
 /// What the relay does with server bytes just read.
 pub(in crate::session) enum Held {
@@ -19,7 +25,7 @@ pub(in crate::session) enum Held {
     Wait,
     /// The first message is a real answer: holding ended, the bytes were scanned.
     Released(Result<(), ProtocolError>),
-    /// The first message says the backend was terminated before reading anything.
+    /// The first message says the backend was terminated before answering the marker.
     Stale,
 }
 
@@ -48,6 +54,24 @@ impl RelayState {
         if let Some(r) = self.replay.as_mut() {
             r.retries = 0;
         }
+    }
+
+    /// Puts a whole batch (one that answers with ReadyForQuery) ahead of all unsent client
+    /// bytes, on a server with nothing in flight. False when that is not the case.
+    pub(in crate::session) fn inject_front(&mut self, msg: &[u8]) -> bool {
+        if self.pending > 0 || self.rw_stream > 0 || !self.s2c.is_empty() || !self.expect.is_empty()
+        {
+            return false;
+        }
+        let at = self.c2s.pos;
+        self.c2s.splice(at, at, msg);
+        for e in self.ends.iter_mut() {
+            *e += msg.len();
+        }
+        self.ends.push_front(at + msg.len());
+        // The injected bytes need no statement rewriting.
+        self.rw_pos = self.rw_pos.max(at) + msg.len();
+        true
     }
 
     /// Called when a batch starts on a freshly checked-out server: keeps what the client
@@ -87,6 +111,15 @@ impl RelayState {
             .get_or_insert_with(Default::default)
             .bytes
             .extend_from_slice(raw);
+        // The marker: a server that answers it has read it, and nothing of the batch yet
+        // (a backend reads its messages in order and flushes ReadyForQuery before it reads
+        // on). Without it, a backend killed after running the batch but before its output
+        // left its buffer looks like one that never read it.
+        if self.inject_front(MARKER) {
+            self.params.injected();
+        } else {
+            self.clear_replay();
+        }
     }
 
     /// Client bytes just read at `from..c2s.end` (after the scan) join the kept ones.
@@ -192,7 +225,7 @@ impl RelayState {
         self.rw_pos = 0;
         self.rw_stream = 0;
         self.copy_rw = IgnoredSyncs::default();
-        self.expect.clear();
+        self.expect.unwind(&mut self.stmts);
         self.params.abandon();
         self.saw_error = false;
         self.server_fatal = false;
@@ -233,8 +266,8 @@ fn batch_ends(raw: &[u8]) -> Option<(VecDeque<usize>, bool)> {
 }
 
 /// Whether the first message of a fresh server's answer says the backend was terminated
-/// (admin, crash, shutdown, idle-session timeout), so it never read the batch. None while
-/// the message is incomplete.
+/// (admin, crash, shutdown, idle-session timeout) before it answered the marker, so it
+/// never read the batch. None while the message is incomplete.
 fn first_reply_stale(d: &[u8]) -> Option<bool> {
     let &tag = d.first()?;
     if tag != b'E' && tag != b'N' {
