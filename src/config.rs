@@ -34,6 +34,18 @@ pub enum Command {
     },
     /// Print a SCRAM-SHA-256 verifier for a password read from stdin (for the users file).
     HashPassword,
+    /// A live view of a running pgsluice, read from its admin API.
+    Top {
+        /// The admin API's address (`--admin-listen` of the proxy).
+        #[arg(long, default_value = "127.0.0.1:9930")]
+        admin: std::net::SocketAddr,
+        /// Time between polls.
+        #[arg(long, default_value = "1s", value_parser = parse_duration)]
+        interval: std::time::Duration,
+        /// Print one frame as text and exit (two polls an interval apart).
+        #[arg(long)]
+        once: bool,
+    },
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, Deserialize, serde::Serialize)]

@@ -32,3 +32,5 @@ pub mod server;
 #[cfg(feature = "server")]
 pub mod session;
 pub mod tls;
+#[cfg(feature = "server")]
+pub mod top;

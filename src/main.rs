@@ -37,6 +37,11 @@ fn main() -> ExitCode {
             rt.block_on(pgsluice::demo::run(port, cli.flags))
         }
         Some(Command::HashPassword) => pgsluice::demo::hash_password(),
+        Some(Command::Top {
+            admin,
+            interval,
+            once,
+        }) => rt.block_on(pgsluice::top::run(admin, interval, once)),
         None => match Config::from_flags(cli.flags) {
             Ok(cfg) => {
                 init_tracing(cfg.log_format);
