@@ -27,13 +27,21 @@ impl CancelCause {
 
 impl Session {
     pub(super) fn admit_request(&self) -> AdmitRequest {
+        let in_transaction = self.server.is_some() && self.st.status != b'I';
+        // A query queued past the client's statement_timeout is refused (57014), not started.
+        // Not inside a transaction: an error there would leave the server's transaction
+        // open while the client believes its statement failed.
+        let deadline = (!in_transaction)
+            .then(|| self.st.params.statement_timeout())
+            .flatten()
+            .map(|d| Instant::now() + d);
         AdmitRequest {
             pool: self.pool.label.clone(),
             identity: self.identity.clone(),
             client_id: self.client_id,
-            in_transaction: self.server.is_some() && self.st.status != b'I',
+            in_transaction,
             last_admitted: self.last_admitted,
-            deadline: None,
+            deadline,
             slot: true,
             lease: self.server.is_none(),
             capacity: self.pool.capacity,
@@ -127,7 +135,7 @@ impl Session {
 
     /// Relays one admitted batch (and any pipelined after it) until nothing is in flight.
     /// Returns false when the session is over.
-    pub(super) async fn run_query(&mut self, permit: Permit) -> bool {
+    pub(super) async fn run_query(&mut self, mut permit: Permit) -> bool {
         let Some(server) = self.server.as_mut() else {
             return false;
         };
@@ -190,7 +198,15 @@ impl Session {
                     .wait_no_cancel_in_flight(self.cfg.cancel_grace)
                     .await;
                 self.shared.guard.record_success();
-                self.shared.observe_query(&self.pool, outcome, t0.elapsed());
+                {
+                    // Scoped: a local alive across the await below would enlarge the future.
+                    let running = t0.elapsed();
+                    if !timed_out {
+                        // A cancelled query's time says nothing of the database's speed.
+                        permit.completed(running);
+                    }
+                    self.shared.observe_query(&self.pool, outcome, running);
+                }
                 // Boxed: the read-back is rare and would otherwise enlarge every session's future.
                 Box::pin(self.params_after_batch()).await;
                 self.after_idle(permit)
