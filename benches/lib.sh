@@ -106,7 +106,8 @@ EOF
     log "$(pgbouncer --version | head -1) on 127.0.0.1:$port (pid $PGBOUNCER_PID)"
 }
 
-# start_pgsluice PORT PGPORT POOL; sets PGSLUICE_PID. Extra args pass through.
+# start_pgsluice PORT PGPORT POOL; sets PGSLUICE_PID and PGSLUICE_ADMIN (its admin port).
+# Extra args pass through.
 start_pgsluice() {
     local port=$1 pgport=$2 pool=$3
     shift 3
@@ -117,6 +118,7 @@ start_pgsluice() {
         --pool-size "$pool" --pool-mode transaction --admin-listen "127.0.0.1:$aport" "$@" \
         >>"$WORK/pgsluice.log" 2>&1 &
     PGSLUICE_PID=$!
+    PGSLUICE_ADMIN=$aport
     BENCH_PIDS+=("$PGSLUICE_PID")
     wait_sql "$port" 20 || { tail -50 "$WORK/pgsluice.log" >&2; die "pgsluice did not start"; }
     log "pgsluice on 127.0.0.1:$port (pid $PGSLUICE_PID, admin $aport)"

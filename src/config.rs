@@ -62,6 +62,42 @@ pub enum LogFormat {
     Json,
 }
 
+/// `--max-active`: a fixed number of slots, or `auto`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MaxActive {
+    Fixed(usize),
+    Auto,
+}
+
+impl std::str::FromStr for MaxActive {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        let s = s.trim();
+        if s.eq_ignore_ascii_case("auto") {
+            return Ok(MaxActive::Auto);
+        }
+        s.parse()
+            .map(MaxActive::Fixed)
+            .map_err(|_| format!("{s:?}: expected a number or auto"))
+    }
+}
+
+impl<'de> Deserialize<'de> for MaxActive {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Repr {
+            N(usize),
+            S(String),
+        }
+        match Repr::deserialize(d)? {
+            Repr::N(n) => Ok(MaxActive::Fixed(n)),
+            Repr::S(s) => s.parse().map_err(serde::de::Error::custom),
+        }
+    }
+}
+
 /// Every setting; all optional here so the TOML file can fill what flags and env leave out.
 #[derive(Args, Debug, Clone, Default, Deserialize)]
 #[serde(rename_all = "kebab-case", deny_unknown_fields)]
@@ -81,9 +117,17 @@ pub struct Flags {
     /// Server connections per (database, user).
     #[arg(long, env = "PGSLUICE_POOL_SIZE")]
     pub pool_size: Option<usize>,
-    /// Queries actively running upstream, all pools together (default: pool-size).
+    /// Queries actively running upstream, all pools together: a number, or "auto" to follow
+    /// the database's measured throughput (default: pool-size).
     #[arg(long, env = "PGSLUICE_MAX_ACTIVE")]
-    pub max_active: Option<usize>,
+    pub max_active: Option<MaxActive>,
+    /// With --max-active auto: the lowest limit (default 2).
+    #[arg(long, env = "PGSLUICE_MAX_ACTIVE_MIN")]
+    pub max_active_min: Option<usize>,
+    /// With --max-active auto: the highest limit (default: the server connections the pools
+    /// may open, which also caps any value given).
+    #[arg(long, env = "PGSLUICE_MAX_ACTIVE_MAX")]
+    pub max_active_max: Option<usize>,
     /// Waiting queries beyond which new ones are shed at once.
     #[arg(long, env = "PGSLUICE_MAX_QUEUE")]
     pub max_queue: Option<usize>,
@@ -293,7 +337,11 @@ pub struct Config {
     pub admin_listen: Option<SocketAddr>,
     pub pool_mode: PoolMode,
     pub pool_size: usize,
+    /// The static limit; with `adaptive`, the limit a new upstream starts from.
     pub max_active: usize,
+    /// `--max-active auto`: (min, max) of the adaptive limit; max is `usize::MAX` when
+    /// only the pools' capacity bounds it.
+    pub adaptive: Option<(usize, usize)>,
     pub max_queue: usize,
     pub queue_timeout: Duration,
     pub query_timeout: Option<Duration>,
@@ -388,10 +436,30 @@ impl Config {
         if pool_size == 0 || pool_size > 10_000 {
             bail!("--pool-size {pool_size}: must be between 1 and 10000");
         }
-        let max_active = pick!(max_active).unwrap_or(pool_size);
-        if max_active == 0 {
-            bail!("--max-active 0: must be at least 1");
-        }
+        let (lo, hi) = (pick!(max_active_min), pick!(max_active_max));
+        let (max_active, adaptive) = match pick!(max_active) {
+            Some(MaxActive::Auto) => {
+                let lo = lo.unwrap_or(2);
+                let hi = hi.unwrap_or(usize::MAX);
+                if lo == 0 || hi < lo {
+                    bail!("--max-active-min {lo} / --max-active-max {hi}: need 1 <= min <= max");
+                }
+                (hi.min(pool_size), Some((lo, hi)))
+            }
+            fixed => {
+                if lo.is_some() || hi.is_some() {
+                    bail!("--max-active-min and --max-active-max need --max-active auto");
+                }
+                let n = match fixed {
+                    Some(MaxActive::Fixed(n)) => n,
+                    _ => pool_size,
+                };
+                if n == 0 {
+                    bail!("--max-active 0: must be at least 1");
+                }
+                (n, None)
+            }
+        };
         let shares_src = if flags.shares.is_empty() {
             &f.shares
         } else {
@@ -443,6 +511,7 @@ impl Config {
             pool_mode: pick!(pool_mode).unwrap_or(PoolMode::Transaction),
             pool_size,
             max_active,
+            adaptive,
             max_queue: pick!(max_queue).unwrap_or(1000),
             queue_timeout: dur("queue-timeout", pick!(queue_timeout), "5s")?,
             query_timeout: opt(dur("query-timeout", pick!(query_timeout), "0")?),
@@ -639,6 +708,42 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("pool-sise"), "{e}");
+    }
+
+    #[test]
+    fn max_active_auto_from_flags_and_toml() {
+        let c = cfg(&["--max-active", "auto", "--pool-size", "8"]).unwrap();
+        assert_eq!(c.adaptive, Some((2, usize::MAX)));
+        assert_eq!(c.max_active, 8);
+        let c = cfg(&[
+            "--max-active",
+            "AUTO",
+            "--max-active-min",
+            "3",
+            "--max-active-max",
+            "6",
+        ])
+        .unwrap();
+        assert_eq!(c.adaptive, Some((3, 6)));
+        assert_eq!(c.max_active, 6);
+        let c = Config::from_toml_str("max-active = \"auto\"\nmax_active_max = 5\n").unwrap();
+        assert_eq!(c.adaptive, Some((2, 5)));
+        let c = Config::from_toml_str("max-active = 7\n").unwrap();
+        assert_eq!((c.max_active, c.adaptive), (7, None));
+        assert!(cfg(&["--max-active", "sometimes"]).is_err());
+        assert!(cfg(&["--max-active", "4", "--max-active-min", "2"]).is_err());
+        assert!(cfg(&[
+            "--max-active",
+            "auto",
+            "--max-active-min",
+            "5",
+            "--max-active-max",
+            "4"
+        ])
+        .is_err());
+        assert!(cfg(&["--max-active", "auto", "--max-active-min", "0"]).is_err());
+        assert!(Config::from_toml_str("max-active = \"x\"\n").is_err());
+        assert_eq!(cfg(&[]).unwrap().adaptive, None);
     }
 
     #[test]

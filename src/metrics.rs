@@ -26,6 +26,12 @@ pub const SERVER_CONNECTS_TOTAL: &str = "pgsluice_server_connects_total";
 pub const PAUSED: &str = "pgsluice_paused";
 pub const CONFIG_RELOADS_TOTAL: &str = "pgsluice_config_reloads_total";
 pub const IDENTITY_SHED_TOTAL: &str = "pgsluice_identity_shed_total";
+pub const LIMITER_BASE: &str = "pgsluice_limiter_base_limit";
+pub const LIMITER_THROUGHPUT: &str = "pgsluice_limiter_throughput";
+pub const LIMITER_INFLIGHT: &str = "pgsluice_limiter_inflight";
+pub const LIMITER_LATENCY: &str = "pgsluice_limiter_latency_seconds";
+pub const LIMITER_SCALING: &str = "pgsluice_limiter_scaling";
+pub const LIMITER_DECISIONS: &str = "pgsluice_limiter_decisions_total";
 
 /// (name, help) for every metric, used to describe them to the exporter.
 pub const ALL: &[(&str, &str)] = &[
@@ -37,7 +43,7 @@ pub const ALL: &[(&str, &str)] = &[
     (QUEUE_WAIT_SECONDS, "Time a query waited for a slot, admitted or not."),
     (QUERY_DURATION_SECONDS, "Time from a query's first byte upstream to its ReadyForQuery."),
     (QUERIES_TOTAL, "Queries by outcome (ok, error, shed, timeout, cancelled, upstream_lost, abandoned)."),
-    (SHED_TOTAL, "Queries refused before running, by reason (queue_full, standing_queue, queue_timeout, circuit_open, paused, cohort)."),
+    (SHED_TOTAL, "Queries refused before running, by reason (queue_full, standing_queue, queue_timeout, circuit_open, paused, cohort, statement_timeout)."),
     (CANCELS_TOTAL, "Cancels pgsluice sent upstream on its own, by cause (client_gone, query_timeout, idle_in_transaction, protocol_error)."),
     (UPSTREAM_UP, "1 when the upstream answered its latest health check."),
     (CIRCUIT_STATE, "Circuit breaker state: 0 closed, 1 half-open, 2 open."),
@@ -45,6 +51,12 @@ pub const ALL: &[(&str, &str)] = &[
     (PAUSED, "1 while the proxy is paused (new queries wait instead of going upstream)."),
     (CONFIG_RELOADS_TOTAL, "Configuration reloads (SIGHUP or POST /reload), by outcome (ok, error)."),
     (IDENTITY_SHED_TOTAL, "Queries refused before running, by client identity (capped by --identity-label-cap, the rest folded into identity=other) and reason."),
+    (LIMITER_BASE, "--max-active auto: the limit held between probes (pgsluice_concurrency_limit is the one in force, a probe's during a probe)."),
+    (LIMITER_THROUGHPUT, "--max-active auto: completions per second in the last judged window."),
+    (LIMITER_INFLIGHT, "--max-active auto: mean running queries in the last judged window."),
+    (LIMITER_LATENCY, "--max-active auto: mean running time in the last judged window."),
+    (LIMITER_SCALING, "--max-active auto: throughput change over concurrency change in the last probe (1 scales linearly, 0 plateau, below 0 past the knee); a step up is kept at 0.5 or more, a step down at 0.25 or less."),
+    (LIMITER_DECISIONS, "--max-active auto: limiter decisions (keep_up, keep_down, refuse_up, refuse_down, inconclusive, app_limited, shift, probe_up, probe_down, probe_done, bounds)."),
 ];
 
 /// How a metric is recorded, which decides how it is described to the exporter.
@@ -59,14 +71,16 @@ pub enum Kind {
 pub fn kind(name: &str) -> Option<Kind> {
     Some(match name {
         CLIENT_CONNECTIONS | SERVER_CONNECTIONS | ACTIVE_QUERIES | CONCURRENCY_LIMIT
-        | QUEUE_DEPTH | UPSTREAM_UP | CIRCUIT_STATE | PAUSED => Kind::Gauge,
+        | QUEUE_DEPTH | UPSTREAM_UP | CIRCUIT_STATE | PAUSED | LIMITER_BASE
+        | LIMITER_THROUGHPUT | LIMITER_INFLIGHT | LIMITER_LATENCY | LIMITER_SCALING => Kind::Gauge,
         QUEUE_WAIT_SECONDS | QUERY_DURATION_SECONDS => Kind::Histogram,
         QUERIES_TOTAL
         | SHED_TOTAL
         | CANCELS_TOTAL
         | SERVER_CONNECTS_TOTAL
         | CONFIG_RELOADS_TOTAL
-        | IDENTITY_SHED_TOTAL => Kind::Counter,
+        | IDENTITY_SHED_TOTAL
+        | LIMITER_DECISIONS => Kind::Counter,
         _ => return None,
     })
 }

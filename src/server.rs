@@ -53,6 +53,9 @@ pub fn guard_config(cfg: &Config) -> GuardConfig {
     GuardConfig {
         upstream: cfg.upstream.label(),
         max_active: cfg.max_active,
+        adaptive: cfg
+            .adaptive
+            .map(|(min, max)| crate::guard::AdaptiveConfig { min, max }),
         max_queue: cfg.max_queue,
         queue_timeout: cfg.queue_timeout,
         // Off: an interval no queue outlasts (the queue timeout ends every wait first).

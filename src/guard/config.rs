@@ -3,13 +3,19 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
+pub use super::limiter::AdaptiveConfig;
+
 /// Admission-control settings for one upstream.
 #[derive(Clone, Debug)]
 pub struct GuardConfig {
     /// Upstream name, the `upstream` label of the circuit-state gauge.
     pub upstream: String,
-    /// Cap on queries actively running upstream (all pools of one upstream).
+    /// Cap on queries actively running upstream (all pools of one upstream); ignored while
+    /// `adaptive` is set.
     pub max_active: usize,
+    /// `--max-active auto`: the limit follows the database's measured throughput within
+    /// these bounds.
+    pub adaptive: Option<AdaptiveConfig>,
     /// Waiting queries beyond which new ones are shed at once.
     pub max_queue: usize,
     /// Longest wait for a slot.
@@ -39,6 +45,7 @@ impl Default for GuardConfig {
         GuardConfig {
             upstream: "default".to_string(),
             max_active: 20,
+            adaptive: None,
             max_queue: 1000,
             queue_timeout: Duration::from_secs(5),
             codel_interval: Duration::from_millis(100),

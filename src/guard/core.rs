@@ -11,10 +11,12 @@ use super::breaker::{Breaker, Pass};
 use super::cohort::Cohorts;
 use super::config::GuardConfig;
 use super::fair::{self, ident_entry, Ident};
+use super::limiter::Limiter;
 use super::pools::{pool_entry, Pool};
 use super::types::{AdmitRequest, CircuitState, Shed, ShedReason};
 use crate::metrics as names;
 
+mod adaptive;
 mod codel;
 mod view;
 
@@ -26,18 +28,40 @@ pub(crate) fn later(t: Instant, d: Duration) -> Instant {
         .unwrap_or(t)
 }
 
-/// A slot handed to a query.
+/// A slot handed to a query. Times are kept as nanoseconds: a permit lives in every
+/// session's future, several times over, and a `Duration` is twice the size.
 #[derive(Debug, Clone)]
 pub(crate) struct Grant {
     pub pool: Arc<str>,
     pub identity: Arc<str>,
-    pub waited: Duration,
+    waited_ns: u64,
+    /// Running time of the completed query, reported before the slot is released; 0 when it
+    /// did not complete (client gone, server lost): no sample for the limiter.
+    running_ns: u64,
     /// This query is the half-open circuit probe.
     pub probe: bool,
     /// Holds a concurrency slot.
     pub slot: bool,
     /// Holds a server-connection lease of `pool`.
     pub lease: bool,
+}
+
+fn nanos(d: Duration) -> u64 {
+    u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
+}
+
+impl Grant {
+    pub(crate) fn waited(&self) -> Duration {
+        Duration::from_nanos(self.waited_ns)
+    }
+
+    pub(crate) fn running(&self) -> Option<Duration> {
+        (self.running_ns > 0).then(|| Duration::from_nanos(self.running_ns))
+    }
+
+    pub(crate) fn set_running(&mut self, d: Duration) {
+        self.running_ns = nanos(d).max(1);
+    }
 }
 
 /// Immediate answer to an admission request.
@@ -68,6 +92,8 @@ struct Waiter<T> {
     identity: Arc<str>,
     enqueued: Instant,
     expires: Instant,
+    /// `expires` is the client's own deadline (its statement_timeout), not the queue's.
+    client_bound: bool,
     in_tx: bool,
     probe: bool,
     slot: bool,
@@ -98,6 +124,9 @@ pub(crate) struct Core<T> {
     /// timed out, or a client left with its query running.
     last_waste: Option<Instant>,
     circuit_gauge: Gauge,
+    /// Slots in force: `cfg.max_active`, or the adaptive limiter's.
+    limit: usize,
+    limiter: Option<Limiter>,
 }
 
 impl<T> Core<T> {
@@ -105,7 +134,13 @@ impl<T> Core<T> {
         let circuit_gauge =
             metrics::gauge!(names::CIRCUIT_STATE, "upstream" => cfg.upstream.clone());
         circuit_gauge.set(CircuitState::Closed.as_gauge());
+        let limiter = cfg
+            .adaptive
+            .clone()
+            .map(|a| Limiter::new(a, &cfg.upstream, now));
         Core {
+            limit: limiter.as_ref().map_or(cfg.max_active, |l| l.limit()),
+            limiter,
             cohorts: Cohorts::new(cfg.cohorts, cfg.cohort_rotation, now),
             breaker: Breaker::new(cfg.breaker.clone()),
             cfg,
@@ -134,7 +169,7 @@ impl<T> Core<T> {
     }
 
     pub(crate) fn limit(&self) -> usize {
-        self.cfg.max_active
+        self.limit
     }
 
     #[cfg(test)]
@@ -184,11 +219,14 @@ impl<T> Core<T> {
         probe: bool,
         payload: impl FnOnce() -> T,
     ) -> Admission {
-        let limit = self.cfg.max_active;
+        let limit = self.limit;
         let p = pool_entry(&mut self.pools, &req.pool, limit);
-        if req.lease {
+        if req.lease && p.capacity != req.capacity {
             p.capacity = req.capacity;
+            self.sync_ceiling(now);
         }
+        let limit = self.limit;
+        let p = pool_entry(&mut self.pools, &req.pool, limit);
         let lease_ok = !req.lease || p.lease_free();
         let slot_ok = !req.slot || self.active < limit;
         // Every waiter left in a queue is one the last dispatch could not serve (no slot, no
@@ -196,11 +234,11 @@ impl<T> Core<T> {
         // them without overtaking anyone who could have used them.
         if !req.slot {
             if !self.paused && lease_ok {
-                return Admission::Granted(self.grant_counts(&req, Duration::ZERO, false));
+                return Admission::Granted(self.grant_counts(&req, Duration::ZERO, false, now));
             }
         } else if req.in_transaction {
             if slot_ok && lease_ok {
-                return Admission::Granted(self.grant_counts(&req, Duration::ZERO, probe));
+                return Admission::Granted(self.grant_counts(&req, Duration::ZERO, probe, now));
             }
         } else {
             let mid_request = req
@@ -210,18 +248,21 @@ impl<T> Core<T> {
                 return Admission::Shed(self.shed_arrival(&req, ShedReason::Cohort));
             }
             if !self.paused && slot_ok && lease_ok {
-                return Admission::Granted(self.grant_counts(&req, Duration::ZERO, probe));
+                return Admission::Granted(self.grant_counts(&req, Duration::ZERO, probe, now));
             }
             if self.normal_queued >= self.cfg.max_queue {
                 return Admission::Shed(self.shed_arrival(&req, ShedReason::QueueFull));
             }
         }
         let mut expires = later(now, self.cfg.queue_timeout);
+        let client_bound = req.deadline.is_some_and(|d| d < expires);
         if let Some(d) = req.deadline {
             expires = expires.min(d);
         }
         if expires <= now {
-            let reason = if self.paused && !req.in_transaction {
+            let reason = if client_bound {
+                ShedReason::StatementTimeout
+            } else if self.paused && !req.in_transaction {
                 ShedReason::Paused
             } else {
                 ShedReason::QueueTimeout
@@ -230,7 +271,7 @@ impl<T> Core<T> {
         }
         let id = self.next_id;
         self.next_id += 1;
-        let limit = self.cfg.max_active;
+        let limit = self.limit;
         let p = pool_entry(&mut self.pools, &req.pool, limit);
         p.queued += 1;
         p.m.queued.set(p.queued as f64);
@@ -256,6 +297,7 @@ impl<T> Core<T> {
             identity: req.identity,
             enqueued: now,
             expires,
+            client_bound,
             in_tx: req.in_transaction,
             probe,
             slot: req.slot,
@@ -270,7 +312,9 @@ impl<T> Core<T> {
     /// hand them on.
     pub(crate) fn release(&mut self, grant: &Grant, now: Instant, out: &mut Vec<Completion<T>>) {
         if grant.slot {
+            self.feed_limiter(grant, now);
             self.active = self.active.saturating_sub(1);
+            self.track_running(now);
             if let Some(p) = self.pools.get_mut(&*grant.pool) {
                 p.active = p.active.saturating_sub(1);
                 p.m.active.set(p.active as f64);
@@ -392,12 +436,10 @@ impl<T> Core<T> {
         for (name, ident) in self.idents.iter_mut() {
             ident.weight = cfg.weight_of(name);
         }
-        for p in self.pools.values() {
-            p.m.limit.set(cfg.max_active as f64);
-        }
         self.cohorts.reconfigure(cfg.cohorts, cfg.cohort_rotation);
         self.breaker.set_config(cfg.breaker.clone());
         self.cfg = cfg;
+        self.reconfigure_limiter(now);
         self.dispatch(now, out);
     }
 
@@ -408,7 +450,7 @@ impl<T> Core<T> {
     fn dispatch(&mut self, now: Instant, out: &mut Vec<Completion<T>>) {
         // Each pass removes one waiter, so this ends.
         loop {
-            let slot_free = self.active < self.cfg.max_active;
+            let slot_free = self.active < self.limit;
             let id = if let Some(id) = self.first_eligible(&self.tx_queue).filter(|_| slot_free) {
                 id
             } else if let Some(id) = self
@@ -434,7 +476,7 @@ impl<T> Core<T> {
             }
             if let Some(w) = self.remove_waiter(id) {
                 let waited = now.saturating_duration_since(w.enqueued);
-                let grant = self.grant_waiter(&w, waited);
+                let grant = self.grant_waiter(&w, waited, now);
                 out.push(Completion {
                     id,
                     payload: w.payload,
@@ -449,7 +491,7 @@ impl<T> Core<T> {
         let Some(w) = self.waiters.get(&id) else {
             return false;
         };
-        (!w.slot || self.active < self.cfg.max_active)
+        (!w.slot || self.active < self.limit)
             && (!w.lease || self.pools.get(&*w.pool).map_or(true, |p| p.lease_free()))
     }
 
@@ -497,12 +539,26 @@ impl<T> Core<T> {
         Some(w)
     }
 
-    fn grant_counts(&mut self, req: &AdmitRequest, waited: Duration, probe: bool) -> Grant {
-        self.grant(&req.pool, &req.identity, waited, probe, req.slot, req.lease)
+    fn grant_counts(
+        &mut self,
+        req: &AdmitRequest,
+        waited: Duration,
+        probe: bool,
+        now: Instant,
+    ) -> Grant {
+        let g = self.grant(&req.pool, &req.identity, waited, probe, req.slot, req.lease);
+        if req.slot {
+            self.track_running(now);
+        }
+        g
     }
 
-    fn grant_waiter(&mut self, w: &Waiter<T>, waited: Duration) -> Grant {
-        self.grant(&w.pool, &w.identity, waited, w.probe, w.slot, w.lease)
+    fn grant_waiter(&mut self, w: &Waiter<T>, waited: Duration, now: Instant) -> Grant {
+        let g = self.grant(&w.pool, &w.identity, waited, w.probe, w.slot, w.lease);
+        if w.slot {
+            self.track_running(now);
+        }
+        g
     }
 
     fn grant(
@@ -514,7 +570,7 @@ impl<T> Core<T> {
         slot: bool,
         lease: bool,
     ) -> Grant {
-        let p = pool_entry(&mut self.pools, pool, self.cfg.max_active);
+        let p = pool_entry(&mut self.pools, pool, self.limit);
         p.m.wait.record(waited.as_secs_f64());
         if lease {
             p.leased += 1;
@@ -530,7 +586,8 @@ impl<T> Core<T> {
         Grant {
             pool: pool.clone(),
             identity: identity.clone(),
-            waited,
+            waited_ns: nanos(waited),
+            running_ns: 0,
             probe,
             slot,
             lease,
@@ -548,7 +605,10 @@ impl<T> Core<T> {
             if w.probe {
                 self.breaker.probe_abandoned();
             }
-            if reason == ShedReason::QueueTimeout {
+            if matches!(
+                reason,
+                ShedReason::QueueTimeout | ShedReason::StatementTimeout
+            ) {
                 // The client waited its whole bound for nothing.
                 self.record_waste(now);
             }
@@ -573,7 +633,7 @@ impl<T> Core<T> {
         reason: ShedReason,
         waited: Duration,
     ) -> Shed {
-        let p = pool_entry(&mut self.pools, pool, self.cfg.max_active);
+        let p = pool_entry(&mut self.pools, pool, self.limit);
         p.m.shed[reason.index()].increment(1);
         p.m.wait.record(waited.as_secs_f64());
         ident_entry(&mut self.idents, identity, &self.cfg).shed_total += 1;
@@ -581,7 +641,7 @@ impl<T> Core<T> {
             reason,
             waited,
             active: self.active,
-            limit: self.cfg.max_active,
+            limit: self.limit,
             queued: self.waiters.len(),
         }
     }

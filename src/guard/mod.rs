@@ -66,6 +66,7 @@ mod cohort;
 mod config;
 mod core;
 mod fair;
+mod limiter;
 mod pools;
 mod snapshot;
 mod types;
@@ -77,6 +78,8 @@ mod tests_core;
 #[cfg(test)]
 mod tests_lease;
 #[cfg(test)]
+mod tests_limiter;
+#[cfg(test)]
 mod tests_prop;
 
 use std::sync::{Arc, Weak};
@@ -85,7 +88,7 @@ use std::time::{Duration, Instant};
 use parking_lot::Mutex;
 use tokio::sync::oneshot;
 
-pub use self::config::{BreakerConfig, GuardConfig};
+pub use self::config::{AdaptiveConfig, BreakerConfig, GuardConfig};
 pub use self::snapshot::{GuardSnapshot, IdentitySnapshot, PoolSnapshot};
 pub use self::types::{AdmitRequest, CircuitState, Shed, ShedReason};
 
@@ -274,9 +277,15 @@ impl Permit {
         Permit { guard, grant }
     }
 
+    /// The query completed (its ReadyForQuery came back) after running this long: the
+    /// adaptive limit learns from it when the slot is released.
+    pub fn completed(&mut self, running: Duration) {
+        self.grant.set_running(running);
+    }
+
     /// Time spent queued before the slot was granted.
     pub fn waited(&self) -> Duration {
-        self.grant.waited
+        self.grant.waited()
     }
 
     pub fn pool(&self) -> &str {
@@ -346,7 +355,7 @@ impl std::fmt::Debug for Permit {
         f.debug_struct("Permit")
             .field("pool", &self.grant.pool)
             .field("identity", &self.grant.identity)
-            .field("waited", &self.grant.waited)
+            .field("waited", &self.grant.waited())
             .field("probe", &self.grant.probe)
             .finish()
     }

@@ -13,7 +13,7 @@ pub(crate) struct PoolMetrics {
     pub queued: Gauge,
     pub limit: Gauge,
     pub wait: Histogram,
-    pub shed: [Counter; 6],
+    pub shed: [Counter; 7],
 }
 
 impl PoolMetrics {

@@ -10,7 +10,11 @@ use super::types::CircuitState;
 pub struct GuardSnapshot {
     pub upstream: String,
     pub active: usize,
+    /// Slots in force (a probe's, while the adaptive limiter probes).
     pub limit: usize,
+    /// `--max-active auto`: the limit held between probes; the static limit otherwise.
+    pub base_limit: usize,
+    pub adaptive: bool,
     pub queued: usize,
     pub paused: bool,
     pub circuit: CircuitState,

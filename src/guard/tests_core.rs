@@ -212,7 +212,9 @@ fn timeout_and_client_deadline_bound_the_wait() {
     let done = s.drain();
     assert_eq!(done.len(), 1);
     assert_eq!(done[0].0, 1);
-    assert!(matches!(done[0].1, Err(ShedReason::QueueTimeout)));
+    // The client's own bound (its statement_timeout): refused as that, with 57014.
+    assert!(matches!(done[0].1, Err(ShedReason::StatementTimeout)));
+    assert_eq!(ShedReason::StatementTimeout.sqlstate(), "57014");
     s.advance(ms(29));
     s.expire();
     assert!(s.drain().is_empty());
@@ -226,8 +228,17 @@ fn timeout_and_client_deadline_bound_the_wait() {
     late.deadline = Some(s.now);
     assert!(matches!(
         s.admit(late, 3),
-        Got::Shed(ShedReason::QueueTimeout)
+        Got::Shed(ShedReason::StatementTimeout)
     ));
+    // A deadline past the queue timeout leaves the queue timeout in charge.
+    let mut patient = req("a", 4);
+    patient.deadline = Some(s.now + ms(100));
+    s.must_queue(patient, 4);
+    s.advance(ms(40));
+    s.expire();
+    let done = s.drain();
+    assert_eq!(done.len(), 1);
+    assert!(matches!(done[0].1, Err(ShedReason::QueueTimeout)));
 }
 
 #[test]
@@ -273,7 +284,7 @@ fn codel_sheds_a_standing_queue_and_serves_newest_first() {
         for (_, res) in s.drain() {
             match res {
                 Ok(g) => {
-                    granted_waits.push(g.waited);
+                    granted_waits.push(g.waited());
                     held = g;
                 }
                 Err(r) => {

@@ -16,7 +16,8 @@ pub struct AdmitRequest {
     pub in_transaction: bool,
     /// When this client last had a query admitted (mid-request detection).
     pub last_admitted: Option<Instant>,
-    /// The client's own deadline: the query never waits past it.
+    /// The client's own deadline (its `statement_timeout`): the query never waits past it,
+    /// and is refused with 57014 when it is reached in the queue.
     pub deadline: Option<Instant>,
     /// Needs a concurrency slot (false: only a server connection, e.g. at login).
     pub slot: bool,
@@ -35,16 +36,19 @@ pub enum ShedReason {
     Cohort,
     CircuitOpen,
     Paused,
+    /// Queued longer than the client's own `statement_timeout`.
+    StatementTimeout,
 }
 
 impl ShedReason {
-    pub const ALL: [ShedReason; 6] = [
+    pub const ALL: [ShedReason; 7] = [
         ShedReason::QueueFull,
         ShedReason::StandingQueue,
         ShedReason::QueueTimeout,
         ShedReason::Cohort,
         ShedReason::CircuitOpen,
         ShedReason::Paused,
+        ShedReason::StatementTimeout,
     ];
 
     /// Metric label value.
@@ -56,6 +60,7 @@ impl ShedReason {
             ShedReason::Cohort => "cohort",
             ShedReason::CircuitOpen => "circuit_open",
             ShedReason::Paused => "paused",
+            ShedReason::StatementTimeout => "statement_timeout",
         }
     }
 
@@ -63,6 +68,8 @@ impl ShedReason {
     pub fn sqlstate(&self) -> &'static str {
         match self {
             ShedReason::CircuitOpen | ShedReason::Paused => "57P03",
+            // What PostgreSQL itself says when statement_timeout fires.
+            ShedReason::StatementTimeout => "57014",
             _ => "53400",
         }
     }
@@ -88,6 +95,10 @@ impl Shed {
         match self.reason {
             ShedReason::CircuitOpen => "pgsluice: upstream unavailable".to_string(),
             ShedReason::Paused => "pgsluice: paused".to_string(),
+            ShedReason::StatementTimeout => {
+                "canceling statement due to statement timeout (pgsluice: the query was still queued)"
+                    .to_string()
+            }
             _ => "pgsluice: database busy".to_string(),
         }
     }

@@ -27,13 +27,21 @@ impl CancelCause {
 
 impl Session {
     pub(super) fn admit_request(&self) -> AdmitRequest {
+        let in_transaction = self.server.is_some() && self.st.status != b'I';
+        // A query queued past the client's statement_timeout is refused (57014), not started.
+        // Not inside a transaction: an error there would leave the server's transaction
+        // open while the client believes its statement failed.
+        let deadline = (!in_transaction)
+            .then(|| self.st.params.statement_timeout())
+            .flatten()
+            .map(|d| Instant::now() + d);
         AdmitRequest {
             pool: self.pool.label.clone(),
             identity: self.identity.clone(),
             client_id: self.client_id,
-            in_transaction: self.server.is_some() && self.st.status != b'I',
+            in_transaction,
             last_admitted: self.last_admitted,
-            deadline: None,
+            deadline,
             slot: true,
             lease: self.server.is_none(),
             capacity: self.pool.capacity,
@@ -126,8 +134,6 @@ impl Session {
         startup::send(&mut self.client, &b).await.map_err(|_| ())
     }
 
-    /// Relays one admitted batch (and any pipelined after it) until nothing is in flight.
-    /// Returns false when the session is over.
     /// Adds a finished batch (started at `t0`) to the pool's `SHOW STATS` counters;
     /// `xact_done` when it ended its transaction.
     fn count_batch(&mut self, t0: Instant, xact_done: bool) {
@@ -136,7 +142,9 @@ impl Session {
         self.pool.stats.batch(t0.elapsed(), &counts, xact);
     }
 
-    pub(super) async fn run_query(&mut self, permit: Permit) -> bool {
+    /// Relays one admitted batch (and any pipelined after it) until nothing is in flight.
+    /// Returns false when the session is over.
+    pub(super) async fn run_query(&mut self, mut permit: Permit) -> bool {
         let Some(server) = self.server.as_mut() else {
             return false;
         };
@@ -203,7 +211,15 @@ impl Session {
                     .wait_no_cancel_in_flight(self.cfg.cancel_grace)
                     .await;
                 self.shared.guard.record_success();
-                self.shared.observe_query(&self.pool, outcome, t0.elapsed());
+                {
+                    // Scoped: a local alive across the await below would enlarge the future.
+                    let running = t0.elapsed();
+                    if !timed_out {
+                        // A cancelled query's time says nothing of the database's speed.
+                        permit.completed(running);
+                    }
+                    self.shared.observe_query(&self.pool, outcome, running);
+                }
                 self.count_batch(t0, self.st.status == b'I');
                 // Boxed: the read-back is rare and would otherwise enlarge every session's future.
                 Box::pin(self.params_after_batch()).await;

@@ -334,6 +334,8 @@ impl Session {
         let mut req = self.admit_request();
         req.slot = false;
         req.lease = true;
+        // A login runs no statement: statement_timeout does not bound it.
+        req.deadline = None;
         match self.shared.guard.admit(req).await {
             Ok(mut p) => p
                 .take_lease()

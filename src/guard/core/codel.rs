@@ -77,7 +77,7 @@ impl<T> Core<T> {
     /// `database_bound`, counting `freed` slots just released as still running (in
     /// dispatch, the resource the waiter is about to get was busy until this instant).
     pub(super) fn bound_by_running(&self, w: &Waiter<T>, freed: usize) -> bool {
-        self.active + freed >= self.cfg.max_active
+        self.active + freed >= self.limit
             || (w.lease
                 && self
                     .pools
@@ -109,7 +109,9 @@ impl<T> Core<T> {
         freed: usize,
     ) -> Option<ShedReason> {
         if now >= w.expires {
-            return Some(if self.paused && !w.in_tx {
+            return Some(if w.client_bound {
+                ShedReason::StatementTimeout
+            } else if self.paused && !w.in_tx {
                 ShedReason::Paused
             } else {
                 ShedReason::QueueTimeout

@@ -39,7 +39,9 @@ impl<T> Core<T> {
         GuardSnapshot {
             upstream: self.cfg.upstream.clone(),
             active: self.active,
-            limit: self.cfg.max_active,
+            limit: self.limit,
+            base_limit: self.base_limit(),
+            adaptive: self.limiter.is_some(),
             queued: self.waiters.len(),
             paused: self.paused,
             circuit,

@@ -36,6 +36,7 @@ pub const TRACKED: [&str; 14] = [
 ];
 
 pub const APPLICATION_NAME: usize = 0;
+pub const STATEMENT_TIMEOUT: usize = 7;
 
 /// Position of a tracked parameter.
 pub fn index(name: &str) -> Option<usize> {
@@ -126,6 +127,16 @@ impl Tracker {
             startup,
             ..Default::default()
         }
+    }
+
+    /// The client's `statement_timeout` when the proxy is sure of it: changes are followed
+    /// (transaction mode), none awaits a read-back, and the client set one (at startup or
+    /// with SET). The server's own default is not known here: `None`.
+    pub fn statement_timeout(&self) -> Option<std::time::Duration> {
+        if !self.following() || self.dirty {
+            return None;
+        }
+        parse_ms(self.current.get(STATEMENT_TIMEOUT)?)
     }
 
     pub fn startup_value(&self, name: &str) -> Option<&str> {
@@ -375,6 +386,28 @@ impl Tracker {
     }
 }
 
+/// A time setting as PostgreSQL spells it: milliseconds without a unit (`pg_settings`),
+/// else with one (`SHOW`: "1500ms", "7s", "5min"). `None` for 0 (off) or anything else.
+pub fn parse_ms(v: &str) -> Option<std::time::Duration> {
+    let v = v.trim();
+    let split = v
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(v.len());
+    let (num, unit) = v.split_at(split);
+    let n: f64 = num.parse().ok()?;
+    let ms = match unit.trim() {
+        "" | "ms" => n,
+        "us" => n / 1000.0,
+        "s" => n * 1e3,
+        "min" => n * 60e3,
+        "h" => n * 3600e3,
+        "d" => n * 86400e3,
+        _ => return None,
+    };
+    // PostgreSQL caps it at INT_MAX ms (about 25 days).
+    (ms > 0.0 && ms < 1e10).then(|| std::time::Duration::from_secs_f64(ms / 1000.0))
+}
+
 /// Splits a NUL-terminated string off `buf` (all of it when there is no NUL).
 fn cstr(buf: &[u8]) -> (&[u8], &[u8]) {
     match memchr::memchr(0, buf) {
@@ -403,6 +436,29 @@ mod tests {
 
     fn status(name: &str, value: &str) -> Vec<u8> {
         format!("{name}\0{value}\0").into_bytes()
+    }
+
+    #[test]
+    fn statement_timeout_spellings() {
+        let ms = |v: &str| parse_ms(v).map(|d| d.as_millis());
+        assert_eq!(ms("4321"), Some(4321));
+        assert_eq!(ms("1500ms"), Some(1500));
+        assert_eq!(ms("7s"), Some(7000));
+        assert_eq!(ms("5min"), Some(300_000));
+        assert_eq!(ms("1h"), Some(3_600_000));
+        assert_eq!(ms("0"), None);
+        assert_eq!(ms("soon"), None);
+        assert_eq!(ms("3 weeks"), None);
+        assert_eq!(TRACKED[STATEMENT_TIMEOUT], "statement_timeout");
+        let mut set = ParamSet::default();
+        set.set(STATEMENT_TIMEOUT, Some("250ms"));
+        let mut t = Tracker::new(Mode::Transaction, set.clone());
+        assert_eq!(t.statement_timeout().map(|d| d.as_millis()), Some(250));
+        // A SET in flight: not sure until the read-back.
+        t.on_client_msg(b'Q', Some(b"SET statement_timeout = 0\0"), None);
+        assert_eq!(t.statement_timeout(), None);
+        // Session mode follows no SET: never sure.
+        assert_eq!(Tracker::new(Mode::Session, set).statement_timeout(), None);
     }
 
     #[test]
