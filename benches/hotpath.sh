@@ -73,6 +73,8 @@ for v in $VARIANTS; do
     log "$name: $(tr '\0' ' ' <"/proc/$PGSLUICE_PID/environ" | grep -o 'TOKIO_WORKER_THREADS=[0-9]*'), $(ls "/proc/$PGSLUICE_PID/task" | wc -l) threads"
 done
 
+# Taken before the runs: the source the default binary was built from, if it was just built.
+commit=$(cd "$REPO_DIR" && git rev-parse --short HEAD)$(cd "$REPO_DIR" && git diff --quiet HEAD -- src || echo "+dirty")
 mkdir -p "$OUT_DIR"
 STAMP=$(date -u +%Y%m%dT%H%M%SZ)
 RAW="$OUT_DIR/hotpath-$STAMP.tsv"
@@ -145,9 +147,8 @@ for rep in $(seq 1 "$REPS"); do
     done
 done
 
-commit=$(cd "$REPO_DIR" && git rev-parse --short HEAD)$(cd "$REPO_DIR" && git diff --quiet HEAD -- src || echo "+dirty")
 {
-    echo "# Per-transaction cost ($STAMP, repository at $commit)"
+    echo "# Per-transaction cost ($STAMP, repository at $commit when the run started)"
     echo
     echo "pgbench -S -j 2, CPU runs -T $DUR, strace runs -T $STRACE_DUR, scale $SCALE, pool $POOL, $REPS rep(s), median per cell."
     echo "Variants: $VARIANTS${PGSLUICE_ARGS:+; pgsluice flags: $PGSLUICE_ARGS}. Host: $(nproc) cores, load average $(cut -d' ' -f1-3 /proc/loadavg)."
