@@ -107,11 +107,12 @@ EOF
 }
 
 # start_pgsluice PORT PGPORT POOL; sets PGSLUICE_PID and PGSLUICE_ADMIN (its admin port).
-# Extra args pass through.
+# Extra args pass through. PGSLUICE_BIN overrides the binary (e.g. an older build kept for a
+# before/after run).
 start_pgsluice() {
     local port=$1 pgport=$2 pool=$3
     shift 3
-    local bin="$REPO_DIR/target/release/pgsluice" aport
+    local bin="${PGSLUICE_BIN:-$REPO_DIR/target/release/pgsluice}" aport
     [[ -x $bin ]] || die "missing $bin (cargo build --release)"
     aport=$(free_port)
     "$bin" --listen "127.0.0.1:$port" --upstream "postgres://postgres@127.0.0.1:$pgport/postgres" \
