@@ -4,8 +4,11 @@
 //! client and server connections, and of the database's data and sessions.
 //!
 //! Not part of the normal run:
-//! `PGSLUICE_SOAK_SECS=600 cargo nextest run --test soak --run-ignored all`
-//! (default 20 s; `PGSLUICE_SOAK_SEED` repeats a run's random choices).
+//! `PGSLUICE_SOAK_SECS=600 cargo test --test soak -- --ignored --nocapture`
+//! (default 20 s; nextest ends tests after 180 s; `PGSLUICE_SOAK_SEED` repeats a run's
+//! random choices). Each client talks through its own recording relay: a client that gets
+//! an answer not belonging to its request has its last protocol messages printed, with the
+//! restarts and the proxy's log lines for its session.
 
 mod common;
 

@@ -62,7 +62,17 @@ impl ProxyProcess {
         for _ in 0..3 {
             let addr: SocketAddr = ([127, 0, 0, 1], free_port()).into();
             let admin: SocketAddr = ([127, 0, 0, 1], free_port()).into();
-            let mut child = Command::new(env!("CARGO_BIN_EXE_pgsluice"))
+            let mut cmd = Command::new(env!("CARGO_BIN_EXE_pgsluice"));
+            // For diagnosis only, e.g. a heap profiler's LD_PRELOAD for the proxy alone:
+            // `PGSLUICE_TEST_PROXY_ENV="K=V;K2=V2"`.
+            if let Ok(extra) = std::env::var("PGSLUICE_TEST_PROXY_ENV") {
+                for kv in extra.split(';').filter(|kv| !kv.is_empty()) {
+                    if let Some((k, v)) = kv.split_once('=') {
+                        cmd.env(k, v);
+                    }
+                }
+            }
+            let mut child = cmd
                 .args(["--listen", &addr.to_string()])
                 .args(["--admin-listen", &admin.to_string()])
                 .args(["--upstream", upstream])
