@@ -105,7 +105,7 @@ impl<T> Core<T> {
         let limiter = cfg
             .adaptive
             .clone()
-            .map(|a| Limiter::new(a, &cfg.upstream, now));
+            .map(|a| Limiter::new(a, cfg.max_active, &cfg.upstream, now));
         Core {
             limit: limiter.as_ref().map_or(cfg.max_active, |l| l.limit()),
             limiter,

@@ -148,9 +148,11 @@ pub(crate) struct Limiter {
 }
 
 impl Limiter {
-    pub(crate) fn new(cfg: AdaptiveConfig, upstream: &str, now: Instant) -> Self {
+    /// `start`: the ceiling until the pools report their capacity (the configured pool
+    /// size; the first lease replaces it).
+    pub(crate) fn new(cfg: AdaptiveConfig, start: usize, upstream: &str, now: Instant) -> Self {
         let mut l = Limiter {
-            ceiling: usize::MAX,
+            ceiling: start.max(1),
             base: 0,
             limit: 0,
             probing: None,
