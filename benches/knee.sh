@@ -16,7 +16,8 @@
 #           proxy moves from KNEE to KNEE - SIDE and back. The limit is sampled every 0.5 s.
 #   select  pgbench -S at -c 8 and 32 (pool 16): each static limit in SELECT_LIMITS and auto.
 #   closed  40 clients looping SELECT pg_sleep(0.2), pool 4, --max-queue 1000
-#           --queue-timeout 10s: --max-active 4 and auto; refusals counted from /metrics.
+#           --queue-timeout 10s: --max-active 4 and auto; then pgbench -S -c 128 over a pool
+#           of 16, --max-active 16 and auto; refusals counted from /metrics.
 #
 # Usage (as root): benches/knee.sh
 #   CLIENTS (48), POOL (32), LIMITS ("2 4 6 8 10 12 16 32"), KNEE (8), BASE_MS (20),
@@ -75,7 +76,7 @@ echo 'SELECT knee_work();' >"$KNEE_SQL"
 SLEEP_SQL="$WORK/sleep.sql"
 echo 'SELECT pg_sleep(0.2);' >"$SLEEP_SQL"
 chmod 644 "$KNEE_SQL" "$SLEEP_SQL"
-if [[ " $PHASES " == *" select "* ]]; then
+if [[ " $PHASES " == *" select "* || " $PHASES " == *" closed "* ]]; then
     pgbench -i -q -s 10 -h 127.0.0.1 -p "$PGPORT" -U postgres postgres >/dev/null 2>&1
 fi
 
@@ -241,6 +242,21 @@ if [[ " $PHASES " == *" closed "* ]]; then
         shed=$(metric "$PGSLUICE_ADMIN" pgsluice_shed_total)
         printf '| %s | %s | %s | %s |\n' "$l" "$tps" "$shed" "$gone" >>"$REPORT"
         log "closed --max-active $l: tps=$tps shed=$shed aborted=$gone"
+    done
+    {
+        echo
+        echo "## Closed loop: pgbench -S -c 128 -T 10, pool 16, other settings default"
+        echo
+        echo "| --max-active | TPS | refused (pgsluice_shed_total) | aborted clients |"
+        echo "|---|---|---|---|"
+    } >>"$REPORT"
+    for l in 16 auto; do
+        port=$(free_port)
+        start_pgsluice "$port" "$PGPORT" 16 --max-active "$l"
+        read -r tps _ gone < <(bench "$port" 128 10 -S)
+        shed=$(metric "$PGSLUICE_ADMIN" pgsluice_shed_total)
+        printf '| %s | %.0f | %s | %s |\n' "$l" "$tps" "$shed" "$gone" >>"$REPORT"
+        log "closed -S -c 128 --max-active $l: tps=$tps shed=$shed aborted=$gone"
     done
 fi
 

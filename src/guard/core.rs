@@ -18,7 +18,11 @@ use crate::metrics as names;
 
 mod adaptive;
 mod codel;
+mod grant;
 mod view;
+
+use grant::nanos;
+pub(crate) use grant::Grant;
 
 /// `t + d`, saturating far in the future instead of overflowing on absurd settings.
 pub(crate) fn later(t: Instant, d: Duration) -> Instant {
@@ -26,42 +30,6 @@ pub(crate) fn later(t: Instant, d: Duration) -> Instant {
     t.checked_add(d.min(FAR))
         .or_else(|| t.checked_add(Duration::from_secs(24 * 3600)))
         .unwrap_or(t)
-}
-
-/// A slot handed to a query. Times are kept as nanoseconds: a permit lives in every
-/// session's future, several times over, and a `Duration` is twice the size.
-#[derive(Debug, Clone)]
-pub(crate) struct Grant {
-    pub pool: Arc<str>,
-    pub identity: Arc<str>,
-    waited_ns: u64,
-    /// Running time of the completed query, reported before the slot is released; 0 when it
-    /// did not complete (client gone, server lost): no sample for the limiter.
-    running_ns: u64,
-    /// This query is the half-open circuit probe.
-    pub probe: bool,
-    /// Holds a concurrency slot.
-    pub slot: bool,
-    /// Holds a server-connection lease of `pool`.
-    pub lease: bool,
-}
-
-fn nanos(d: Duration) -> u64 {
-    u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
-}
-
-impl Grant {
-    pub(crate) fn waited(&self) -> Duration {
-        Duration::from_nanos(self.waited_ns)
-    }
-
-    pub(crate) fn running(&self) -> Option<Duration> {
-        (self.running_ns > 0).then(|| Duration::from_nanos(self.running_ns))
-    }
-
-    pub(crate) fn set_running(&mut self, d: Duration) {
-        self.running_ns = nanos(d).max(1);
-    }
 }
 
 /// Immediate answer to an admission request.
@@ -137,7 +105,7 @@ impl<T> Core<T> {
         let limiter = cfg
             .adaptive
             .clone()
-            .map(|a| Limiter::new(a, &cfg.upstream, now));
+            .map(|a| Limiter::new(a, cfg.max_active, &cfg.upstream, now));
         Core {
             limit: limiter.as_ref().map_or(cfg.max_active, |l| l.limit()),
             limiter,

@@ -14,16 +14,18 @@
 //! stays, and probes become rarer (down to one in `MAX_HOLD` windows) until throughput
 //! shifts. See docs/DESIGN.md, "Adaptive limit", for why not a latency baseline.
 //!
-//! Only queries that started within a window count for it (a query that started under the
-//! previous limit would blur the comparison), and a window in which the limit was not
-//! binding (the clients did not use it) decides nothing: the limit never creeps up on an
-//! idle or client-bound database, and never moves on a closed loop of fewer clients.
+//! A window starts measuring one recent running time after its limit took effect (queries
+//! started under the previous limit would blur the comparison), and a window in which the
+//! limit was not binding (the clients did not use it) decides nothing: the limit never
+//! creeps up on an idle or client-bound database, nor moves on a closed loop of fewer
+//! clients. Noise, capacity shifts and the latency gate on probes down: docs/DESIGN.md.
 
 use std::time::{Duration, Instant};
 
-use metrics::{Counter, Gauge};
+mod types;
 
-use crate::metrics as names;
+use types::LimiterMetrics;
+pub(crate) use types::{Change, Decision, Dir, Sample, Stats};
 
 /// Bounds of the adaptive limit (`--max-active-min`, `--max-active-max`).
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -60,102 +62,6 @@ const LATENCY_MEMORY: Duration = Duration::from_secs(60);
 const INITIAL_NOISE: f64 = 0.05;
 /// A probe whose concurrency changed by less than this fraction tells nothing.
 const MIN_MOVE: f64 = 0.05;
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) enum Dir {
-    Up,
-    Down,
-}
-
-/// One completed query, as the guard reports it.
-#[derive(Clone, Copy, Debug)]
-pub(crate) struct Sample {
-    /// Running time: from the query's first byte upstream to its ReadyForQuery.
-    pub latency: Duration,
-    /// The limit was binding when it finished: every slot taken.
-    pub bound: bool,
-}
-
-/// What one window measured.
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub(crate) struct Stats {
-    pub limit: usize,
-    /// Completions per second.
-    pub throughput: f64,
-    /// Mean running queries (Little's law over the counted completions).
-    pub inflight: f64,
-    /// Mean running time, seconds.
-    pub latency: f64,
-}
-
-/// Why the limit changed or stayed, for metrics and the debug log.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) enum Decision {
-    /// A probe's step was kept.
-    Keep(Dir),
-    /// A probe's step was undone.
-    Refuse(Dir),
-    /// The probe's concurrency did not really change (clients did not use it).
-    Inconclusive,
-    /// The limit was not binding in the window: nothing learnt.
-    AppLimited,
-    /// Throughput moved away from its average: probing resumes at once.
-    Shift,
-    /// A probe window starts.
-    Probe(Dir),
-    /// A probe window ended; it is judged after the base window that follows.
-    ProbeDone,
-    /// The bounds or the pools' capacity changed.
-    Bounds,
-}
-
-impl Decision {
-    pub(crate) fn label(self) -> &'static str {
-        match self {
-            Decision::Keep(Dir::Up) => "keep_up",
-            Decision::Keep(Dir::Down) => "keep_down",
-            Decision::Refuse(Dir::Up) => "refuse_up",
-            Decision::Refuse(Dir::Down) => "refuse_down",
-            Decision::Inconclusive => "inconclusive",
-            Decision::AppLimited => "app_limited",
-            Decision::Shift => "shift",
-            Decision::Probe(Dir::Up) => "probe_up",
-            Decision::Probe(Dir::Down) => "probe_down",
-            Decision::ProbeDone => "probe_done",
-            Decision::Bounds => "bounds",
-        }
-    }
-
-    const ALL: [Decision; 11] = [
-        Decision::Keep(Dir::Up),
-        Decision::Keep(Dir::Down),
-        Decision::Refuse(Dir::Up),
-        Decision::Refuse(Dir::Down),
-        Decision::Inconclusive,
-        Decision::AppLimited,
-        Decision::Shift,
-        Decision::Probe(Dir::Up),
-        Decision::Probe(Dir::Down),
-        Decision::ProbeDone,
-        Decision::Bounds,
-    ];
-
-    fn index(self) -> usize {
-        Self::ALL.iter().position(|d| *d == self).unwrap_or(0)
-    }
-}
-
-/// A change of the enforced limit, for the debug log.
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub(crate) struct Change {
-    pub from: usize,
-    pub to: usize,
-    pub decision: Decision,
-    /// The window that led to it.
-    pub window: Option<Stats>,
-    /// Scaling of the probe judged, when one was.
-    pub scaling: Option<f64>,
-}
 
 /// One window: from `start` (when its limit took effect) the first `settle` is skipped,
 /// while queries started under the previous limit drain; then completions are counted and
@@ -195,31 +101,6 @@ impl Window {
         if now > self.last {
             self.area += self.running as f64 * (now - self.last).as_secs_f64();
             self.last = now;
-        }
-    }
-}
-
-struct LimiterMetrics {
-    base: Gauge,
-    throughput: Gauge,
-    inflight: Gauge,
-    latency: Gauge,
-    scaling: Gauge,
-    decisions: [Counter; 11],
-}
-
-impl LimiterMetrics {
-    fn new(upstream: &str) -> Self {
-        let g = |name: &'static str| metrics::gauge!(name, "upstream" => upstream.to_string());
-        LimiterMetrics {
-            base: g(names::LIMITER_BASE),
-            throughput: g(names::LIMITER_THROUGHPUT),
-            inflight: g(names::LIMITER_INFLIGHT),
-            latency: g(names::LIMITER_LATENCY),
-            scaling: g(names::LIMITER_SCALING),
-            decisions: Decision::ALL.map(|d| {
-                metrics::counter!(names::LIMITER_DECISIONS, "upstream" => upstream.to_string(), "decision" => d.label())
-            }),
         }
     }
 }
@@ -267,9 +148,11 @@ pub(crate) struct Limiter {
 }
 
 impl Limiter {
-    pub(crate) fn new(cfg: AdaptiveConfig, upstream: &str, now: Instant) -> Self {
+    /// `start`: the ceiling until the pools report their capacity (the configured pool
+    /// size; the first lease replaces it).
+    pub(crate) fn new(cfg: AdaptiveConfig, start: usize, upstream: &str, now: Instant) -> Self {
         let mut l = Limiter {
-            ceiling: usize::MAX,
+            ceiling: start.max(1),
             base: 0,
             limit: 0,
             probing: None,
@@ -710,30 +593,4 @@ fn scaling(probe: &Stats, base_x: f64, base_u: f64) -> Option<f64> {
     }
     let moved = probe.inflight / base_u - 1.0;
     (moved.abs() >= MIN_MOVE).then(|| (probe.throughput / base_x - 1.0) / moved)
-}
-
-impl std::fmt::Display for Change {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "{} -> {} ({})",
-            self.from,
-            self.to,
-            self.decision.label()
-        )?;
-        if let Some(w) = self.window {
-            write!(
-                f,
-                ", window at {}: {:.1} q/s, {:.2} running, {:.2} ms",
-                w.limit,
-                w.throughput,
-                w.inflight,
-                w.latency * 1e3
-            )?;
-        }
-        if let Some(s) = self.scaling {
-            write!(f, ", scaling {s:.2}")?;
-        }
-        Ok(())
-    }
 }

@@ -63,7 +63,7 @@ struct Sim {
 impl Sim {
     fn new(cfg: AdaptiveConfig, ceiling: usize, clients: usize, seed: u64, noise: f64) -> Sim {
         let t0 = Instant::now();
-        let mut lim = Limiter::new(cfg, "test", t0);
+        let mut lim = Limiter::new(cfg, usize::MAX, "test", t0);
         lim.set_ceiling(ceiling, t0);
         Sim {
             lim,

@@ -59,7 +59,8 @@ impl<T> Core<T> {
                 }
             }
             (Some(a), None) => {
-                self.limiter = Some(Limiter::new(a, &self.cfg.upstream, now));
+                let start = self.cfg.max_active;
+                self.limiter = Some(Limiter::new(a, start, &self.cfg.upstream, now));
                 self.sync_ceiling(now);
             }
             (None, _) => self.limiter = None,
