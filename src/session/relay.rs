@@ -520,8 +520,9 @@ impl RelayState {
                             let name = body.split(|&b| b == 0).next().unwrap_or_default();
                             if let Some(v) = params.on_status(body) {
                                 let end = at + ev.end;
-                                let start = end - (5 + ev.len);
-                                if start >= pos {
+                                // None when the message began in bytes already forwarded and cut from the buffer.
+                                let start = end.checked_sub(5 + ev.len).filter(|&s| s >= pos);
+                                if let Some(start) = start {
                                     let mut m = bytes::BytesMut::new();
                                     protocol::parameter_status(
                                         &mut m,
@@ -543,11 +544,12 @@ impl RelayState {
                         }
                         expect.on_ready(*status, stmts);
                         let end = at + ev.end;
-                        let start = end - (5 + ev.len);
+                        // None when the message began in bytes already forwarded and cut from the buffer.
+                        let start = end.checked_sub(5 + ev.len).filter(|&s| s >= pos);
                         if *saw_error || *status == b'E' {
                             // The RESET may have been rolled back: the read-back tells.
                             params.before_ready_skip();
-                        } else if start >= pos {
+                        } else if let Some(start) = start {
                             let mut m = bytes::BytesMut::new();
                             params.before_ready(&mut m);
                             if !m.is_empty() {
@@ -562,8 +564,9 @@ impl RelayState {
                         }
                         if expect.on_complete(ev.tag, stmts) == Verdict::Strip {
                             let end = at + ev.end;
-                            let start = end - (5 + ev.len);
-                            if start >= pos {
+                            // None when the message began in bytes already forwarded and cut from the buffer.
+                            let start = end.checked_sub(5 + ev.len).filter(|&s| s >= pos);
+                            if let Some(start) = start {
                                 strip = Some((start, end));
                                 return ControlFlow::Break(());
                             }
@@ -584,8 +587,9 @@ impl RelayState {
                                     // is going away on its own (a shutdown); the client
                                     // asked nothing and must not get an unasked answer.
                                     let end = at + ev.end;
-                                    let start = end - (5 + ev.len);
-                                    if start >= pos {
+                                    // None when the message began in bytes already forwarded and cut from the buffer.
+                                    let start = end.checked_sub(5 + ev.len).filter(|&s| s >= pos);
+                                    if let Some(start) = start {
                                         strip = Some((start, end));
                                         return ControlFlow::Break(());
                                     }
