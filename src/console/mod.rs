@@ -238,26 +238,26 @@ fn command(
         "PAUSE" => {
             info!(user = %who.user, "paused from the admin console");
             shared.pause();
-            rows::command_complete(out, "PAUSE");
+            protocol::command_complete(out, "PAUSE");
             Ok(false)
         }
         "RESUME" => {
             info!(user = %who.user, "resumed from the admin console");
             shared.resume();
-            rows::command_complete(out, "RESUME");
+            protocol::command_complete(out, "RESUME");
             Ok(false)
         }
         "RELOAD" => {
             shared
                 .reload()
                 .map_err(|e| ("F0000", format!("pgsluice: reload rejected: {e}")))?;
-            rows::command_complete(out, "RELOAD");
+            protocol::command_complete(out, "RELOAD");
             Ok(false)
         }
         "SHUTDOWN" => {
             info!(user = %who.user, "shutdown requested from the admin console");
             shared.request_stop();
-            rows::command_complete(out, "SHUTDOWN");
+            protocol::command_complete(out, "SHUTDOWN");
             Ok(true)
         }
         "KILL" | "SUSPEND" | "SET" | "DISABLE" | "ENABLE" | "RECONNECT" | "WAIT_CLOSE"
@@ -314,7 +314,7 @@ fn show_command(
             let list = SHOWS.join("|");
             protocol::notice_response(out, "00000", &format!("Console usage: SHOW {list}"));
             protocol::notice_response(out, "00000", "PAUSE, RESUME, RELOAD, SHUTDOWN");
-            rows::command_complete(out, "SHOW");
+            protocol::command_complete(out, "SHOW");
             return Ok(None);
         }
         "" => return Err(("42601", "pgsluice: SHOW what? (try SHOW HELP)".to_string())),

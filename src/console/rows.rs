@@ -1,6 +1,7 @@
 //! Result sets the console sends: a RowDescription with PgBouncer's column types, DataRows in
 //! text format, and the command tag.
 
+use crate::protocol;
 use bytes::{BufMut, BytesMut};
 
 /// Column types as PgBouncer declares them, so exporters that check types parse us alike.
@@ -82,23 +83,6 @@ impl From<bool> for Val {
     }
 }
 
-fn begin(buf: &mut BytesMut, tag: u8) -> usize {
-    buf.put_u8(tag);
-    let at = buf.len();
-    buf.put_i32(0);
-    at
-}
-
-fn finish(buf: &mut BytesMut, at: usize) {
-    let len = (buf.len() - at) as i32;
-    buf[at..at + 4].copy_from_slice(&len.to_be_bytes());
-}
-
-fn put_cstr(buf: &mut BytesMut, s: &str) {
-    buf.extend(s.bytes().map(|b| if b == 0 { b'?' } else { b }));
-    buf.put_u8(0);
-}
-
 /// A result set being built: columns first, then rows, then `finish`.
 pub struct ResultSet {
     cols: Vec<(&'static str, Ty)>,
@@ -120,45 +104,39 @@ impl ResultSet {
 
     /// RowDescription, DataRows and CommandComplete `SHOW`.
     pub fn write(&self, buf: &mut BytesMut) {
-        let at = begin(buf, b'T');
-        buf.put_i16(self.cols.len() as i16);
-        for (name, ty) in &self.cols {
-            let (oid, size) = ty.oid_and_size();
-            put_cstr(buf, name);
-            buf.put_u32(0);
-            buf.put_i16(0);
-            buf.put_u32(oid);
-            buf.put_i16(size);
-            buf.put_i32(-1);
-            buf.put_i16(0);
-        }
-        finish(buf, at);
-        for r in &self.rows {
-            let at = begin(buf, b'D');
-            buf.put_i16(r.len() as i16);
-            for v in r {
-                let text = match v {
-                    Val::Null => {
-                        buf.put_i32(-1);
-                        continue;
-                    }
-                    Val::Str(s) => s.clone(),
-                    Val::Int(i) => i.to_string(),
-                    Val::UInt(u) => u.to_string(),
-                };
-                buf.put_i32(text.len() as i32);
-                buf.extend_from_slice(text.as_bytes());
+        protocol::message(buf, b'T', |buf| {
+            buf.put_i16(self.cols.len() as i16);
+            for (name, ty) in &self.cols {
+                let (oid, size) = ty.oid_and_size();
+                protocol::put_cstr(buf, name);
+                buf.put_u32(0);
+                buf.put_i16(0);
+                buf.put_u32(oid);
+                buf.put_i16(size);
+                buf.put_i32(-1);
+                buf.put_i16(0);
             }
-            finish(buf, at);
+        });
+        for r in &self.rows {
+            protocol::message(buf, b'D', |buf| {
+                buf.put_i16(r.len() as i16);
+                for v in r {
+                    let text = match v {
+                        Val::Null => {
+                            buf.put_i32(-1);
+                            continue;
+                        }
+                        Val::Str(s) => s.clone(),
+                        Val::Int(i) => i.to_string(),
+                        Val::UInt(u) => u.to_string(),
+                    };
+                    buf.put_i32(text.len() as i32);
+                    buf.extend_from_slice(text.as_bytes());
+                }
+            });
         }
-        command_complete(buf, "SHOW");
+        protocol::command_complete(buf, "SHOW");
     }
-}
-
-pub fn command_complete(buf: &mut BytesMut, tag: &str) {
-    let at = begin(buf, b'C');
-    put_cstr(buf, tag);
-    finish(buf, at);
 }
 
 #[cfg(test)]

@@ -143,42 +143,28 @@ impl AuthQuery {
     }
 }
 
-fn msg(buf: &mut BytesMut, tag: u8, body: impl FnOnce(&mut BytesMut)) {
-    buf.put_u8(tag);
-    let at = buf.len();
-    buf.put_i32(0);
-    body(buf);
-    let len = (buf.len() - at) as i32;
-    buf[at..at + 4].copy_from_slice(&len.to_be_bytes());
-}
-
-fn cstr(buf: &mut BytesMut, s: &str) {
-    buf.extend_from_slice(s.as_bytes());
-    buf.put_u8(0);
-}
-
 /// Parse/Bind/Execute/Sync with the user name as the one text parameter (never spliced into
 /// the SQL text).
 fn extended_query(buf: &mut BytesMut, query: &str, user: &str) {
-    msg(buf, b'P', |b| {
-        cstr(b, "");
-        cstr(b, query);
+    protocol::message(buf, b'P', |b| {
+        protocol::put_cstr(b, "");
+        protocol::put_cstr(b, query);
         b.put_i16(0);
     });
-    msg(buf, b'B', |b| {
-        cstr(b, "");
-        cstr(b, "");
+    protocol::message(buf, b'B', |b| {
+        protocol::put_cstr(b, "");
+        protocol::put_cstr(b, "");
         b.put_i16(0);
         b.put_i16(1);
         b.put_i32(user.len() as i32);
         b.extend_from_slice(user.as_bytes());
         b.put_i16(0);
     });
-    msg(buf, b'E', |b| {
-        cstr(b, "");
+    protocol::message(buf, b'E', |b| {
+        protocol::put_cstr(b, "");
         b.put_i32(1);
     });
-    msg(buf, b'S', |_| {});
+    protocol::message(buf, b'S', |_| {});
 }
 
 /// The secret from a DataRow: the second column (PgBouncer's shape: name, secret), or the

@@ -32,7 +32,15 @@ fn finish(buf: &mut BytesMut, at: usize) {
     buf[at..at + 4].copy_from_slice(&len.to_be_bytes());
 }
 
-fn put_cstr(buf: &mut BytesMut, s: &str) {
+/// Appends one typed message whose body `body` writes; its length is filled in after.
+pub fn message(buf: &mut BytesMut, tag: u8, body: impl FnOnce(&mut BytesMut)) {
+    let at = begin(buf, tag);
+    body(buf);
+    finish(buf, at);
+}
+
+/// A C string; a NUL inside `s` becomes `?`.
+pub fn put_cstr(buf: &mut BytesMut, s: &str) {
     // A NUL inside a generated string would corrupt framing for the client.
     for b in s.bytes() {
         buf.put_u8(if b == 0 { b'?' } else { b });
@@ -117,6 +125,11 @@ pub fn query(buf: &mut BytesMut, sql: &str) {
     let at = begin(buf, b'Q');
     put_cstr(buf, sql);
     finish(buf, at);
+}
+
+/// CommandComplete ('C') with `tag`.
+pub fn command_complete(buf: &mut BytesMut, tag: &str) {
+    message(buf, b'C', |b| put_cstr(b, tag));
 }
 
 pub fn terminate(buf: &mut BytesMut) {
