@@ -507,8 +507,8 @@ impl RelayState {
             let n = self.sscan.scan(chunk, |ev| {
                 if params.stripping() {
                     // An answer to an injected query: never reaches the client.
-                    let (start, end) = params.strip_message(&ev, at, pending, status, fatal);
-                    if start >= pos {
+                    let span = params.strip_message(&ev, at, pending, status, fatal);
+                    if let Some((start, end)) = span.filter(|&(start, _)| start >= pos) {
                         strip = Some((start, end));
                         return ControlFlow::Break(());
                     }

@@ -296,7 +296,7 @@ impl Tracker {
         pending: &mut usize,
         status: &mut u8,
         fatal: &mut bool,
-    ) -> (usize, usize) {
+    ) -> Option<(usize, usize)> {
         match (ev.tag, ev.body) {
             (b'Z', body) => {
                 self.strip = self.strip.saturating_sub(1);
@@ -315,7 +315,8 @@ impl Tracker {
             _ => {}
         }
         let end = at + ev.end;
-        (end - (5 + ev.len), end)
+        // None when the message began in bytes already cut from the buffer.
+        end.checked_sub(5 + ev.len).map(|start| (start, end))
     }
 
     pub fn take_sync_failed(&mut self) -> bool {
