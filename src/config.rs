@@ -24,6 +24,14 @@ pub struct Cli {
     pub flags: Flags,
 }
 
+/// The flags alone, for updating one of them (the console's SET) without a subcommand.
+#[derive(Parser)]
+#[command(name = "pgsluice")]
+struct OneSetting {
+    #[command(flatten)]
+    flags: Flags,
+}
+
 #[derive(Subcommand, Debug, Clone)]
 pub enum Command {
     /// Start a throwaway PostgreSQL with pgsluice in front of it, for trying things out.
@@ -407,6 +415,23 @@ impl Config {
     /// Re-reads the TOML file (if any) under the original flags, for SIGHUP.
     pub fn reload(&self) -> Result<Config> {
         Config::from_flags(self.flags.clone())
+    }
+
+    /// This configuration with one setting changed as if it had been given as a flag
+    /// (`key` in SHOW CONFIG's spelling, `max_active` for `--max-active`).
+    pub fn with_setting(&self, key: &str, value: &str) -> Result<Config> {
+        let mut one = OneSetting {
+            flags: self.flags.clone(),
+        };
+        let flag = format!("--{}", key.replace('_', "-"));
+        one.try_update_from(["pgsluice", flag.as_str(), value])
+            .map_err(|e| {
+                // clap's first line says what is wrong; the rest is command-line usage.
+                let text = e.to_string();
+                let first = text.lines().next().unwrap_or_default();
+                anyhow!("{}", first.trim_start_matches("error: "))
+            })?;
+        Config::from_flags(one.flags)
     }
 
     fn build(flags: Flags, file: Option<Flags>) -> Result<Config> {

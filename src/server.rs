@@ -129,8 +129,27 @@ impl Shared {
     }
 
     fn reload_inner(&self) -> Result<(), String> {
+        let new = self.config().reload().map_err(|e| e.to_string())?;
+        self.apply(new)?;
+        info!("configuration reloaded");
+        Ok(())
+    }
+
+    /// The console's `SET key = value`: the setting as if given as a flag (it outranks the
+    /// file and survives RELOAD until restart), applied the way a reload applies a file.
+    pub fn set(&self, key: &str, value: &str) -> Result<(), String> {
+        let new = self
+            .config()
+            .with_setting(key, value)
+            .map_err(|e| e.to_string())?;
+        self.apply(new)?;
+        info!(key, value, "setting changed from the admin console");
+        Ok(())
+    }
+
+    /// Installs a validated configuration; settings that need a restart keep their values.
+    fn apply(&self, mut new: Config) -> Result<(), String> {
         let old = self.config();
-        let mut new = old.reload().map_err(|e| e.to_string())?;
         let users = load_users(&new).map_err(|e| e.to_string())?;
         // Certificates are re-read even when the file names did not change; an unreadable
         // or mismatched one rejects the reload and the running ones stay.
@@ -153,7 +172,6 @@ impl Shared {
         *self.client_tls.write() = tls;
         *self.config.write() = Arc::new(new);
         self.config_generation.fetch_add(1, Ordering::Relaxed);
-        info!("configuration reloaded");
         Ok(())
     }
 

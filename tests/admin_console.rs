@@ -486,3 +486,57 @@ async fn shutdown_from_the_console_stops_the_process() {
     .unwrap();
     assert!(status.is_some_and(|s| s.success()), "{status:?}");
 }
+
+fn config_value(port: u16, key: &str) -> String {
+    let t = show(port, "CONFIG");
+    let row = t.rows.iter().find(|r| r["key"] == key);
+    row.unwrap_or_else(|| panic!("no {key} in SHOW CONFIG"))["value"].clone()
+}
+
+/// SET changes a reloadable setting at once, outranks the file on RELOAD, and refuses
+/// restart-only, unknown and invalid settings without changing anything.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn set_changes_settings_until_restart() {
+    let pg = cluster().await;
+    let proxy = TestProxy::start(&pg, &["--pool-size", "4", "--max-active", "4"]).await;
+    let port = proxy.port();
+    let console = connect(&proxy.url_for("postgres", "pgbouncer")).await;
+    let code = |e: tokio_postgres::Error| e.as_db_error().map(|d| d.code().code().to_string());
+
+    console.simple_query("SET max_active = 2").await.unwrap();
+    assert_eq!(config_value(port, "max_active"), "2");
+    assert_eq!(num(&show(port, "GUARD").rows[0], "limit"), 2);
+    // PgBouncer's name and a quoted value.
+    console
+        .simple_query("SET query_wait_timeout = '3s'")
+        .await
+        .unwrap();
+    assert_eq!(config_value(port, "queue_timeout"), "3s");
+
+    for (sql, want) in [
+        ("SET listen = '127.0.0.1:1'", "55000"),
+        ("SET no_such_thing = 1", "42704"),
+        ("SET max_active = 0", "22023"),
+        ("SET queue_timeout = 'soon'", "22023"),
+        ("SET max_active", "42601"),
+        ("SET pool_mode = 'sideways'", "22023"),
+    ] {
+        let e = console.simple_query(sql).await.unwrap_err();
+        let msg = e.as_db_error().map(|d| d.message().to_string());
+        assert!(!msg.unwrap_or_default().contains("Usage"), "{sql}: {e:?}");
+        assert_eq!(code(e).as_deref(), Some(want), "{sql}");
+    }
+    assert_eq!(config_value(port, "max_active"), "2");
+    assert_eq!(config_value(port, "queue_timeout"), "3s");
+
+    console.simple_query("RELOAD").await.unwrap();
+    assert_eq!(config_value(port, "max_active"), "2", "SET survives RELOAD");
+    assert_eq!(num(&show(port, "GUARD").rows[0], "limit"), 2);
+
+    // Queries still run under the new limit.
+    let client = connect(&proxy.url()).await;
+    let rows = client.query("SELECT 40 + 2", &[]).await.unwrap();
+    assert_eq!(rows[0].get::<_, i32>(0), 42);
+    drop((client, console));
+    proxy.shutdown().await;
+}

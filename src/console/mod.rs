@@ -260,16 +260,105 @@ fn command(
             protocol::command_complete(out, "SHUTDOWN");
             Ok(true)
         }
-        "KILL" | "SUSPEND" | "SET" | "DISABLE" | "ENABLE" | "RECONNECT" | "WAIT_CLOSE"
-        | "KILL_CLIENT" => Err((
-            "0A000",
-            format!("pgsluice: {verb} is not supported by this console yet"),
-        )),
+        "SET" => {
+            let (key, value) = parse_set(stmt)?;
+            if !SETTABLE.contains(&key.as_str()) {
+                return Err(setting_refused(&key));
+            }
+            shared
+                .set(&key, &value)
+                .map_err(|e| ("22023", format!("pgsluice: SET {key} rejected: {e}")))?;
+            info!(user = %who.user, key, value, "SET from the admin console");
+            protocol::command_complete(out, "SET");
+            Ok(false)
+        }
+        "KILL" | "SUSPEND" | "DISABLE" | "ENABLE" | "RECONNECT" | "WAIT_CLOSE" | "KILL_CLIENT" => {
+            Err((
+                "0A000",
+                format!("pgsluice: {verb} is not supported by this console yet"),
+            ))
+        }
         _ => Err((
             "42601",
             format!("pgsluice: unknown command {verb:?} (try SHOW HELP)"),
         )),
     }
+}
+
+/// Settings SET may change (SHOW CONFIG marks them changeable); the rest need a restart.
+pub(crate) const SETTABLE: &[&str] = &[
+    "pool_mode",
+    "pool_size",
+    "max_active",
+    "max_queue",
+    "queue_timeout",
+    "query_timeout",
+    "idle_in_transaction_timeout",
+    "max_client_conn",
+    "server_lifetime",
+    "server_idle_timeout",
+    "connect_timeout",
+    "max_prepared_statements",
+    "admin_users",
+    "stats_users",
+];
+
+/// PgBouncer's names for the same settings, so runbooks keep working.
+const PGBOUNCER_NAMES: &[(&str, &str)] = &[
+    ("default_pool_size", "pool_size"),
+    ("query_wait_timeout", "queue_timeout"),
+    ("idle_transaction_timeout", "idle_in_transaction_timeout"),
+    ("server_connect_timeout", "connect_timeout"),
+];
+
+fn setting_refused(key: &str) -> (&'static str, String) {
+    if RESTART_ONLY.contains(&key) {
+        (
+            "55000",
+            format!("pgsluice: {key} cannot be changed while running (restart with the new value)"),
+        )
+    } else {
+        (
+            "42704",
+            format!("pgsluice: unknown setting {key:?} (SHOW CONFIG lists them)"),
+        )
+    }
+}
+
+/// Settings SHOW CONFIG shows that only a restart changes.
+const RESTART_ONLY: &[&str] = &["listen", "upstream", "admin_listen"];
+
+/// `SET key = value` or `SET key TO value`; the value may be single-quoted.
+fn parse_set(stmt: &str) -> Result<(String, String), (&'static str, String)> {
+    let usage = || {
+        (
+            "42601",
+            "pgsluice: expected SET key = value (SHOW CONFIG lists the keys)".to_string(),
+        )
+    };
+    let rest = stmt.get(3..).ok_or_else(usage)?.trim();
+    let (key, value) = match rest.split_once('=') {
+        Some(kv) => kv,
+        None => {
+            let lower = rest.to_ascii_lowercase();
+            let at = lower.find(" to ").ok_or_else(usage)?;
+            (&rest[..at], &rest[at + 4..])
+        }
+    };
+    let key = key.trim().to_ascii_lowercase();
+    let value = value.trim();
+    if key.is_empty() || key.contains(char::is_whitespace) || value.is_empty() {
+        return Err(usage());
+    }
+    let value = match value.strip_prefix('\'').and_then(|v| v.strip_suffix('\'')) {
+        Some(inner) => inner.replace("''", "'"),
+        None => value.to_string(),
+    };
+    let key = PGBOUNCER_NAMES
+        .iter()
+        .find(|(theirs, _)| *theirs == key)
+        .map_or(key, |(_, ours)| ours.to_string());
+    Ok((key, value))
 }
 
 const SHOWS: &[&str] = &[
@@ -313,7 +402,11 @@ fn show_command(
         "HELP" => {
             let list = SHOWS.join("|");
             protocol::notice_response(out, "00000", &format!("Console usage: SHOW {list}"));
-            protocol::notice_response(out, "00000", "PAUSE, RESUME, RELOAD, SHUTDOWN");
+            protocol::notice_response(
+                out,
+                "00000",
+                "PAUSE, RESUME, RELOAD, SET key = value, SHUTDOWN",
+            );
             protocol::command_complete(out, "SHOW");
             return Ok(None);
         }
@@ -339,5 +432,29 @@ mod tests {
         );
         assert_eq!(statements("set a = 'x;y'"), vec!["set a = 'x;y'"]);
         assert!(statements(" ; ").is_empty());
+    }
+
+    #[test]
+    fn set_parses_both_spellings_and_pgbouncer_names() {
+        let p = |s: &str| parse_set(s).map_err(|e| e.0);
+        assert_eq!(
+            p("SET max_active = 8"),
+            Ok(("max_active".into(), "8".into()))
+        );
+        assert_eq!(
+            p("set Query_Timeout TO '2s'"),
+            Ok(("query_timeout".into(), "2s".into()))
+        );
+        assert_eq!(
+            p("SET default_pool_size=30"),
+            Ok(("pool_size".into(), "30".into()))
+        );
+        assert_eq!(
+            p("SET admin_users = 'a,b''c'"),
+            Ok(("admin_users".into(), "a,b'c".into()))
+        );
+        for bad in ["SET", "SET max_active", "SET = 3", "SET a b = 3", "SET x ="] {
+            assert_eq!(p(bad), Err("42601"), "{bad}");
+        }
     }
 }

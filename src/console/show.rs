@@ -567,57 +567,40 @@ pub fn config(shared: &Shared) -> ResultSet {
             humantime::format_duration(d).to_string()
         })
     };
-    let rows: Vec<(&str, String, &str, bool)> = vec![
-        ("listen", cfg.listen.to_string(), "127.0.0.1:6432", false),
-        ("upstream", cfg.upstream.label(), "", false),
+    let rows: Vec<(&str, String, &str)> = vec![
+        ("listen", cfg.listen.to_string(), "127.0.0.1:6432"),
+        ("upstream", cfg.upstream.label(), ""),
         (
             "admin_listen",
             cfg.admin_listen
                 .map_or("off".to_string(), |a| a.to_string()),
             "",
-            false,
         ),
-        (
-            "pool_mode",
-            pool_mode(shared).to_string(),
-            "transaction",
-            true,
-        ),
-        ("pool_size", cfg.pool_size.to_string(), "20", true),
-        ("max_active", cfg.max_active.to_string(), "pool_size", true),
-        ("max_queue", cfg.max_queue.to_string(), "1000", true),
-        ("queue_timeout", d(Some(cfg.queue_timeout)), "5s", true),
-        ("query_timeout", d(cfg.query_timeout), "off", true),
+        ("pool_mode", pool_mode(shared).to_string(), "transaction"),
+        ("pool_size", cfg.pool_size.to_string(), "20"),
+        ("max_active", cfg.max_active.to_string(), "pool_size"),
+        ("max_queue", cfg.max_queue.to_string(), "1000"),
+        ("queue_timeout", d(Some(cfg.queue_timeout)), "5s"),
+        ("query_timeout", d(cfg.query_timeout), "off"),
         (
             "idle_in_transaction_timeout",
             d(cfg.idle_in_transaction_timeout),
             "off",
-            true,
         ),
-        (
-            "max_client_conn",
-            cfg.max_client_conn.to_string(),
-            "10000",
-            true,
-        ),
-        ("server_lifetime", d(cfg.server_lifetime), "1h", true),
-        (
-            "server_idle_timeout",
-            d(cfg.server_idle_timeout),
-            "10m",
-            true,
-        ),
-        ("connect_timeout", d(Some(cfg.connect_timeout)), "5s", true),
+        ("max_client_conn", cfg.max_client_conn.to_string(), "10000"),
+        ("server_lifetime", d(cfg.server_lifetime), "1h"),
+        ("server_idle_timeout", d(cfg.server_idle_timeout), "10m"),
+        ("connect_timeout", d(Some(cfg.connect_timeout)), "5s"),
         (
             "max_prepared_statements",
             cfg.max_prepared_statements.to_string(),
             "200",
-            true,
         ),
-        ("admin_users", cfg.admin_users.join(","), "", true),
-        ("stats_users", cfg.stats_users.join(","), "", true),
+        ("admin_users", cfg.admin_users.join(","), ""),
+        ("stats_users", cfg.stats_users.join(","), ""),
     ];
-    for (k, v, def, changeable) in rows {
+    for (k, v, def) in rows {
+        let changeable = super::SETTABLE.contains(&k);
         rs.row(vec![
             k.into(),
             v.into(),
