@@ -165,6 +165,12 @@ impl Shared {
             new.admin_listen = old.admin_listen;
             new.upstream = old.upstream.clone();
         }
+        // Sessions pick up a new configuration between queries: a mode switch would turn
+        // a session-mode client's server (with its session state) into a shared one.
+        if new.pool_mode != old.pool_mode {
+            warn!("pool-mode changes need a restart; keeping the old value");
+            new.pool_mode = old.pool_mode;
+        }
         new.generation = old.generation + 1;
         self.guard.update_config(guard_config(&new));
         self.pools.update(&new, users.clone());

@@ -519,7 +519,8 @@ async fn set_changes_settings_until_restart() {
         ("SET max_active = 0", "22023"),
         ("SET queue_timeout = 'soon'", "22023"),
         ("SET max_active", "42601"),
-        ("SET pool_mode = 'sideways'", "22023"),
+        ("SET pool_mode = session", "55000"),
+        ("SET max_queue = 'many'", "22023"),
     ] {
         let e = console.simple_query(sql).await.unwrap_err();
         let msg = e.as_db_error().map(|d| d.message().to_string());

@@ -287,7 +287,6 @@ fn command(
 
 /// Settings SET may change (SHOW CONFIG marks them changeable); the rest need a restart.
 pub(crate) const SETTABLE: &[&str] = &[
-    "pool_mode",
     "pool_size",
     "max_active",
     "max_queue",
@@ -326,7 +325,7 @@ fn setting_refused(key: &str) -> (&'static str, String) {
 }
 
 /// Settings SHOW CONFIG shows that only a restart changes.
-const RESTART_ONLY: &[&str] = &["listen", "upstream", "admin_listen"];
+const RESTART_ONLY: &[&str] = &["listen", "upstream", "admin_listen", "pool_mode"];
 
 /// `SET key = value` or `SET key TO value`; the value may be single-quoted.
 fn parse_set(stmt: &str) -> Result<(String, String), (&'static str, String)> {
