@@ -353,11 +353,13 @@ fn parse_set(stmt: &str) -> Result<(String, String), (&'static str, String)> {
         Some(inner) => inner.replace("''", "'"),
         None => value.to_string(),
     };
-    let key = PGBOUNCER_NAMES
-        .iter()
-        .find(|(theirs, _)| *theirs == key)
-        .map_or(key, |(_, ours)| ours.to_string());
-    Ok((key, value))
+    let Some(&(_, ours)) = PGBOUNCER_NAMES.iter().find(|(theirs, _)| *theirs == key) else {
+        return Ok((key, value));
+    };
+    // PgBouncer's timeouts are bare seconds; pgsluice's durations carry a unit.
+    let seconds = ours.ends_with("timeout") && value.bytes().all(|b| b.is_ascii_digit());
+    let value = if seconds { format!("{value}s") } else { value };
+    Ok((ours.to_string(), value))
 }
 
 const SHOWS: &[&str] = &[
@@ -447,6 +449,14 @@ mod tests {
         assert_eq!(
             p("SET default_pool_size=30"),
             Ok(("pool_size".into(), "30".into()))
+        );
+        assert_eq!(
+            p("SET query_wait_timeout = 120"),
+            Ok(("queue_timeout".into(), "120s".into()))
+        );
+        assert_eq!(
+            p("SET queue_timeout = 0"),
+            Ok(("queue_timeout".into(), "0".into()))
         );
         assert_eq!(
             p("SET admin_users = 'a,b''c'"),
