@@ -272,3 +272,37 @@ async fn reload_applies_a_valid_file_and_keeps_the_old_one_otherwise() {
     assert_eq!(n, 42);
     proxy.shutdown().await;
 }
+
+/// A reload never switches pool mode under running sessions: the old mode stays (restart
+/// for it) and the rest of the file applies.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reload_keeps_the_pool_mode() {
+    let _turn = SERIAL.lock().await;
+    let pg = tokio::task::spawn_blocking(TempPostgres::new)
+        .await
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("pgsluice.toml");
+    std::fs::write(&file, "pool-mode = \"transaction\"\nmax-active = 2\n").unwrap();
+    let proxy = TestProxy::start(&pg, &["--config", file.to_str().unwrap()]).await;
+    let c = proxy.client().await;
+    c.batch_execute("SELECT 1").await.unwrap();
+
+    std::fs::write(&file, "pool-mode = \"session\"\nmax-active = 3\n").unwrap();
+    let (status, body) = proxy.http_post("/reload").await;
+    assert_eq!((status, body.as_str()), (200, "{\"reloaded\":true}"));
+    assert_eq!(limit_of(&proxy.http_get("/pools").await.1), 3);
+    let console = common::connect(&proxy.url_for("postgres", "pgsluice")).await;
+    let rows = console.simple_query("SHOW CONFIG").await.unwrap();
+    let mode = rows.iter().find_map(|m| match m {
+        tokio_postgres::SimpleQueryMessage::Row(r) if r.get(0) == Some("pool_mode") => {
+            r.get(1).map(str::to_string)
+        }
+        _ => None,
+    });
+    assert_eq!(mode.as_deref(), Some("transaction"));
+    let n: i64 = c.query_one("SELECT 42::bigint", &[]).await.unwrap().get(0);
+    assert_eq!(n, 42);
+    drop((c, console));
+    proxy.shutdown().await;
+}
