@@ -11,6 +11,9 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+mod databases;
+pub use databases::DatabaseSettings;
+
 #[derive(Parser, Debug, Clone)]
 #[command(
     name = "pgsluice",
@@ -247,6 +250,10 @@ pub struct Flags {
     /// Client TLS: disable, allow or require (default allow with a certificate, else disable).
     #[arg(long, env = "PGSLUICE_TLS_MODE")]
     pub tls_mode: Option<TlsMode>,
+    /// Per-database settings (`[databases.NAME]`; the file only).
+    #[arg(skip)]
+    #[serde(default)]
+    pub databases: HashMap<String, DatabaseSettings>,
 }
 
 /// Where a server connection goes.
@@ -380,6 +387,7 @@ pub struct Config {
     pub breaker_max_cooldown: Duration,
     pub health_interval: Duration,
     pub identity_label_cap: usize,
+    pub databases: HashMap<String, DatabaseSettings>,
     pub max_prepared_statements: usize,
     pub tls_cert: Option<PathBuf>,
     pub tls_key: Option<PathBuf>,
@@ -576,6 +584,7 @@ impl Config {
             breaker_max_cooldown: dur("breaker-max-cooldown", pick!(breaker_max_cooldown), "30s")?,
             health_interval: dur("health-interval", pick!(health_interval), "1s")?,
             identity_label_cap: pick!(identity_label_cap).unwrap_or(50),
+            databases: f.databases.clone(),
             max_prepared_statements: pick!(max_prepared_statements).unwrap_or(200),
             tls_cert,
             tls_key,
@@ -585,6 +594,7 @@ impl Config {
             flags,
             generation: 0,
         };
+        databases::validate(&cfg.databases)?;
         if cfg.queue_timeout.is_zero() {
             bail!("--queue-timeout 0: must be positive (use a small value to shed at once)");
         }

@@ -306,3 +306,57 @@ async fn reload_keeps_the_pool_mode() {
     drop((c, console));
     proxy.shutdown().await;
 }
+
+/// `[databases.NAME]`: an alias logs in to its upstream dbname with its own pool size.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_database_alias_has_its_own_name_and_pool_size() {
+    let _turn = SERIAL.lock().await;
+    let pg = tokio::task::spawn_blocking(TempPostgres::new)
+        .await
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("pgsluice.toml");
+    std::fs::write(
+        &file,
+        "pool-size = 5\n[databases.app]\ndbname = \"postgres\"\npool-size = 2\n",
+    )
+    .unwrap();
+    let proxy = TestProxy::start(&pg, &["--config", file.to_str().unwrap()]).await;
+    let c = common::connect(&proxy.url_for("postgres", "app")).await;
+    let db: String = c
+        .query_one("SELECT current_database()::text", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(db, "postgres");
+    let console = common::connect(&proxy.url_for("postgres", "pgsluice")).await;
+    let rows = console.simple_query("SHOW DATABASES").await.unwrap();
+    let app = rows.iter().find_map(|m| match m {
+        tokio_postgres::SimpleQueryMessage::Row(r) if r.get("name") == Some("app") => Some((
+            r.get("database").map(str::to_string),
+            r.get("pool_size").map(str::to_string),
+        )),
+        _ => None,
+    });
+    assert_eq!(
+        app,
+        Some((Some("postgres".into()), Some("2".into()))),
+        "{rows:?}"
+    );
+    drop((c, console));
+    proxy.shutdown().await;
+
+    std::fs::write(&file, "[databases.app]\npool-size = 0\n").unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_pgsluice"))
+        .args([
+            "--config",
+            file.to_str().unwrap(),
+            "--listen",
+            "127.0.0.1:0",
+        ])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("[databases.app] pool-size 0"), "{err}");
+}

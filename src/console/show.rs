@@ -440,20 +440,23 @@ pub fn databases(shared: &Shared) -> ResultSet {
     let cfg = shared.config();
     let paused = shared.guard.is_paused();
     let clients = clients_of(shared);
-    let mut dbs: BTreeMap<String, (usize, usize)> = BTreeMap::new();
+    // Per name: upstream database, pool size, server connections, clients.
+    let mut dbs: BTreeMap<String, (String, usize, usize, usize)> = BTreeMap::new();
     for p in shared.pools.all() {
         let e = dbs.entry(p.database.clone()).or_default();
-        e.0 += p.pool.state().connections as usize;
-        e.1 += clients.get(&p.label).map_or(0, Vec::len);
+        e.0.clone_from(&p.upstream_database);
+        e.1 = p.capacity;
+        e.2 += p.pool.state().connections as usize;
+        e.3 += clients.get(&p.label).map_or(0, Vec::len);
     }
-    for (db, (servers, clients)) in dbs {
+    for (db, (upstream_db, pool_size, servers, clients)) in dbs {
         rs.row(vec![
             db.as_str().into(),
             cfg.upstream.host.as_str().into(),
             Val::Int(cfg.upstream.port as i64),
-            db.as_str().into(),
+            upstream_db.as_str().into(),
             Val::Null,
-            cfg.pool_size.into(),
+            pool_size.into(),
             0usize.into(),
             0usize.into(),
             Val::Int(cfg.server_lifetime.map_or(0, |d| d.as_secs() as i64)),

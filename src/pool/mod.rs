@@ -5,7 +5,7 @@ use crate::auth::upstream::{
     upstream_login, upstream_startup_bound, Binding, Credentials, UpstreamAuthError,
 };
 use crate::auth::UserStore;
-use crate::config::{Config, Upstream};
+use crate::config::{Config, DatabaseSettings, Upstream};
 use crate::guard::{Guard, Lease};
 use crate::metrics as m;
 use crate::tls::upstream::UpstreamTls;
@@ -262,7 +262,10 @@ pub struct PoolEntry {
     pub metrics: PoolMetrics,
     pub pool: bb8::Pool<ServerManager>,
     pub label: Arc<str>,
+    /// The client-facing database name (the pool's key).
     pub database: String,
+    /// What the pool's server connections log in to (the same unless aliased).
+    pub upstream_database: String,
     pub user: String,
     /// Connections this pool may have (bb8's max_size, fixed when the pool was made): the
     /// guard hands out at most this many leases.
@@ -390,6 +393,7 @@ struct PoolSettings {
     lifetime: Option<Duration>,
     idle_timeout: Option<Duration>,
     connect_timeout: Duration,
+    databases: HashMap<String, DatabaseSettings>,
 }
 
 impl PoolSettings {
@@ -399,6 +403,7 @@ impl PoolSettings {
             lifetime: cfg.server_lifetime,
             idle_timeout: cfg.server_idle_timeout,
             connect_timeout: cfg.connect_timeout,
+            databases: cfg.databases.clone(),
         }
     }
 }
@@ -439,12 +444,23 @@ impl PoolRegistry {
         *self.users.write() = users;
     }
 
+    /// The upstream database a client-facing name stands for (`[databases.NAME] dbname`).
+    pub fn upstream_dbname(&self, database: &str) -> String {
+        let s = self.settings.read();
+        let alias = s.databases.get(database).and_then(|d| d.dbname.clone());
+        alias.unwrap_or_else(|| database.to_string())
+    }
+
     pub fn get_or_create(&self, database: &str, user: &str) -> Arc<PoolEntry> {
         let key = (database.to_string(), user.to_string());
         if let Some(p) = self.pools.lock().get(&key) {
             return p.clone();
         }
-        let s = self.settings.read().clone();
+        let mut s = self.settings.read().clone();
+        if let Some(n) = s.databases.get(database).and_then(|d| d.pool_size) {
+            s.size = n;
+        }
+        let upstream_database = self.upstream_dbname(database);
         let creds = configured_credentials(&self.users.read(), &self.upstream, user);
         let creds = Arc::new(RwLock::new(creds));
         let label: Arc<str> = format!("{database}/{user}").into();
@@ -457,7 +473,7 @@ impl PoolRegistry {
             upstream: self.upstream.clone(),
             tls: self.tls.clone(),
             user: user.to_string(),
-            database: database.to_string(),
+            database: upstream_database.clone(),
             creds: creds.clone(),
             connect_timeout: s.connect_timeout,
             lifetime: s.lifetime,
@@ -481,6 +497,7 @@ impl PoolRegistry {
             pool,
             label,
             database: database.to_string(),
+            upstream_database,
             user: user.to_string(),
             capacity: s.size,
             stats: PoolStats::default(),

@@ -107,7 +107,8 @@ async fn login(
     let users = shared.users();
     let looked_up = match (users.get(&info.user), &shared.pools.auth_query) {
         (None, Some(aq)) if cfg.auth != crate::auth::AuthMethod::Trust => {
-            match aq.lookup(&info.user, &info.database).await {
+            let db = shared.pools.upstream_dbname(&info.database);
+            match aq.lookup(&info.user, &db).await {
                 Ok(e) => e,
                 Err(e) => {
                     warn!(error = %e, "auth query failed");
