@@ -142,9 +142,7 @@ impl Shared {
             .config()
             .with_setting(key, value)
             .map_err(|e| e.to_string())?;
-        self.apply(new)?;
-        info!(key, value, "setting changed from the admin console");
-        Ok(())
+        self.apply(new)
     }
 
     /// Installs a validated configuration; settings that need a restart keep their values.

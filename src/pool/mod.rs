@@ -457,10 +457,13 @@ impl PoolRegistry {
             return p.clone();
         }
         let mut s = self.settings.read().clone();
-        if let Some(n) = s.databases.get(database).and_then(|d| d.pool_size) {
+        let db = s.databases.get(database);
+        let upstream_database = db
+            .and_then(|d| d.dbname.clone())
+            .unwrap_or_else(|| database.to_string());
+        if let Some(n) = db.and_then(|d| d.pool_size) {
             s.size = n;
         }
-        let upstream_database = self.upstream_dbname(database);
         let creds = configured_credentials(&self.users.read(), &self.upstream, user);
         let creds = Arc::new(RwLock::new(creds));
         let label: Arc<str> = format!("{database}/{user}").into();
