@@ -56,8 +56,9 @@ pub struct CancelEntry {
     pub identity: Arc<str>,
     secret: i32,
     state: Mutex<EntryState>,
-    /// Wakes a session whose query is still queued: it answers 57014 itself.
-    pub queued_cancel: Notify,
+    /// Wakes a session whose query is still queued: it answers 57014 itself. Never holds a
+    /// permit: a cancel that finds nobody waiting must not cancel the client's next query.
+    queued_cancel: Notify,
     /// True while this client's query waits for admission.
     pub queued: std::sync::atomic::AtomicBool,
     /// Wakes a session waiting for in-flight cancels to finish.
@@ -99,6 +100,12 @@ impl CancelEntry {
     pub fn activity(&self) -> (Option<BackendTarget>, Option<std::time::Instant>) {
         let s = self.state.lock();
         (s.running, s.started)
+    }
+
+    /// Resolves when a cancel for the client's queued query arrives. Enable it (poll it or
+    /// `enable()`) before [`set_queued`](Self::set_queued)`(true)`, so no cancel is missed.
+    pub fn queued_cancelled(&self) -> tokio::sync::futures::Notified<'_> {
+        self.queued_cancel.notified()
     }
 
     /// Marks the client as queued from now (`true`) or no longer queued.
@@ -216,7 +223,9 @@ impl CancelRegistry {
                 None => {
                     drop(s);
                     return if entry.queued.load(Ordering::Acquire) {
-                        entry.queued_cancel.notify_one();
+                        // Not notify_one: its stored permit would cancel a later query
+                        // when the session leaves the queue at this very moment.
+                        entry.queued_cancel.notify_waiters();
                         CancelOutcome::Queued
                     } else {
                         CancelOutcome::Idle
@@ -322,5 +331,31 @@ mod tests {
         reg.unregister(e.pid);
         assert_eq!(reg.cancel(e.pid, secret).await, CancelOutcome::Unknown);
         assert!(reg.is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_cancel_that_misses_the_queue_does_not_cancel_the_next_query() {
+        let reg = Arc::new(CancelRegistry::new());
+        let e = reg.register("db/u".into(), "app".into(), ClientInfo::test());
+        let secret = CancelRegistry::secret_of(&e);
+        // The cancel finds the query queued just as the session leaves the queue.
+        e.set_queued(true);
+        assert_eq!(reg.cancel(e.pid, secret).await, CancelOutcome::Queued);
+        e.set_queued(false);
+        // The next query queues: nothing cancels it.
+        let next = e.queued_cancelled();
+        tokio::pin!(next);
+        next.as_mut().enable();
+        e.set_queued(true);
+        let woke = tokio::time::timeout(Duration::from_millis(50), next.as_mut()).await;
+        assert!(
+            woke.is_err(),
+            "an earlier cancel woke the next queued query"
+        );
+        // A cancel while it waits still reaches it.
+        assert_eq!(reg.cancel(e.pid, secret).await, CancelOutcome::Queued);
+        tokio::time::timeout(Duration::from_secs(5), next)
+            .await
+            .expect("the cancel of the queued query wakes it");
     }
 }

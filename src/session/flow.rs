@@ -54,6 +54,11 @@ impl Session {
         let guard = self.shared.guard.clone();
         let fut = guard.admit(self.admit_request());
         tokio::pin!(fut);
+        // Registered before the client shows as queued, so a cancel cannot slip between.
+        let entry = self.entry.clone();
+        let cancelled = entry.queued_cancelled();
+        tokio::pin!(cancelled);
+        cancelled.as_mut().enable();
         self.entry.set_queued(true);
         self.shared.clients_waiting.fetch_add(1, Ordering::Relaxed);
         let out = loop {
@@ -65,7 +70,7 @@ impl Session {
                     Ok(p) => Admission::Admitted(p),
                     Err(shed) => self.shed(shed).await,
                 },
-                _ = self.entry.queued_cancel.notified() => {
+                _ = &mut cancelled => {
                     self.entry.set_queued(false);
                     self.shared.count_query(&self.pool, "cancelled");
                     info!(identity = %self.identity, cause = "client_request", "query cancelled while queued");

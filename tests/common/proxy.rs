@@ -23,6 +23,13 @@ impl TestProxy {
 
     /// Same, with an explicit upstream URL (e.g. through a fault shim).
     pub async fn start_upstream(upstream: &str, extra_flags: &[&str]) -> TestProxy {
+        // For diagnosis: `PGSLUICE_LOG=debug` shows the in-process proxy's log with the test's.
+        if let Ok(filter) = std::env::var("PGSLUICE_LOG") {
+            let _ = tracing_subscriber::fmt()
+                .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+                .with_test_writer()
+                .try_init();
+        }
         let mut args: Vec<&str> = vec![
             "pgsluice",
             "--listen",
