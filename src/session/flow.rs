@@ -292,6 +292,13 @@ impl Session {
             // A FATAL means "connection over" to the client, as on a direct connection.
             return !std::mem::take(&mut self.st.fatal_to_client);
         }
+        if self.st.copy_syncs_unknown {
+            // Its answers may be out of step with the count of owed ones: never reused.
+            if let Some(mut s) = self.server.take() {
+                s.broken = true;
+            }
+            self.st.copy_syncs_unknown = false;
+        }
         if self.cfg.pool_mode == PoolMode::Transaction && self.st.status == b'I' {
             // The slot and the connection's lease go back under one guard lock.
             if let Some(s) = self.server.take() {
@@ -391,6 +398,10 @@ impl Session {
         let clean =
             self.st.c2s.is_empty() && self.st.cscan.at_boundary() && !self.st.terminate_split;
         let busy = self.st.pending > 0 || self.st.open_batch || !clean;
+        // A server in copy-in mode is ended by the CopyFail below. A cancel would add a
+        // race: the backend may then fail before it has read (and ignored) the Syncs sent
+        // after an extended COPY's Execute, and answer each of them.
+        let in_copy = self.st.copy_scan.server_in_copy;
         if busy {
             self.shared.count_cancel(&self.pool, cause.as_str());
             info!(
@@ -399,11 +410,13 @@ impl Session {
                 age_ms = age.map(|a| a.as_millis() as u64),
                 "cancelling query of departed client"
             );
-            if let Err(e) = send_cancel(target, self.cfg.cancel_grace).await {
-                warn!(error = %e, "could not deliver cancel");
+            if !in_copy {
+                if let Err(e) = send_cancel(target, self.cfg.cancel_grace).await {
+                    warn!(error = %e, "could not deliver cancel");
+                }
             }
         }
-        if !clean {
+        if !clean || std::mem::take(&mut self.st.copy_syncs_unknown) {
             server.broken = true;
             return;
         }

@@ -87,6 +87,11 @@ pub struct RelayState {
     /// (Its `server_in_copy` also records the server's copy-in mode.)
     pub(super) copy_scan: IgnoredSyncs,
     copy_rw: IgnoredSyncs,
+    /// A cancel or timeout (57014) ended an extended-protocol COPY FROM STDIN: whether the
+    /// server had read the Syncs sent after its Execute (ignored in copy-in mode) or reads
+    /// them now (each answered) depends on timing, so the count of owed ReadyForQuery may
+    /// be off by those. The server connection is never reused after that.
+    pub copy_syncs_unknown: bool,
     /// Transaction pooling: rename named statements and prepare them where needed.
     pub rewrite_on: bool,
     /// Most statements kept prepared per server connection.
@@ -135,6 +140,7 @@ impl RelayState {
             saw_error: false,
             counts: Default::default(),
             copy_scan: IgnoredSyncs::default(),
+            copy_syncs_unknown: false,
             copy_rw: IgnoredSyncs::default(),
             rewrite_on: false,
             stmt_cap: 0,
@@ -458,6 +464,7 @@ impl RelayState {
         self.rw_stream = 0;
         self.copy_scan = IgnoredSyncs::default();
         self.copy_rw = IgnoredSyncs::default();
+        self.copy_syncs_unknown = false;
         self.expect.clear();
         self.stmts.server_lost();
         self.params.abandon();
@@ -498,7 +505,8 @@ impl RelayState {
             let status = &mut self.status;
             let fatal = &mut self.server_fatal;
             let saw_error = &mut self.saw_error;
-            let copy_in = &mut self.copy_scan.server_in_copy;
+            let copy = &mut self.copy_scan;
+            let copy_syncs_unknown = &mut self.copy_syncs_unknown;
             let expect = &mut self.expect;
             let stmts = &mut self.stmts;
             let params = &mut self.params;
@@ -535,9 +543,9 @@ impl RelayState {
                             }
                         }
                     }
-                    b'G' => *copy_in = true,
+                    b'G' => copy.server_in_copy = true,
                     b'Z' => {
-                        *copy_in = false;
+                        copy.server_in_copy = false;
                         *pending = pending.saturating_sub(1);
                         if let Some(&[s]) = ev.body {
                             *status = s;
@@ -574,10 +582,14 @@ impl RelayState {
                     }
                     b'E' => {
                         *saw_error = true;
-                        *copy_in = false;
+                        let open_copy_syncs = copy.syncs_of_open_copy();
+                        copy.server_in_copy = false;
                         expect.on_error(server, stmts);
                         if let Some(body) = ev.body {
                             let f = protocol::parse_error_fields(body);
+                            if open_copy_syncs > 0 && f.code == "57014" {
+                                *copy_syncs_unknown = true;
+                            }
                             if f.severity == "FATAL" || f.severity == "PANIC" {
                                 *fatal = true;
                                 *to_client = true;
