@@ -54,6 +54,18 @@ impl Session {
         let guard = self.shared.guard.clone();
         let fut = guard.admit(self.admit_request());
         tokio::pin!(fut);
+        // A slot free at once (the common case) needs none of the queue's bookkeeping.
+        // Polled once with the task's own waker, which stays registered if it must wait.
+        let first = std::future::poll_fn(|cx| {
+            std::task::Poll::Ready(std::future::Future::poll(fut.as_mut(), cx))
+        })
+        .await;
+        if let std::task::Poll::Ready(r) = first {
+            return match r {
+                Ok(p) => Admission::Admitted(p),
+                Err(shed) => self.shed(shed).await,
+            };
+        }
         // Registered before the client shows as queued, so a cancel cannot slip between.
         let entry = self.entry.clone();
         let cancelled = entry.queued_cancelled();
@@ -359,6 +371,12 @@ impl Session {
             .await;
             return false;
         }
+        if self.st.params.needs_read_back() {
+            // A statement of the lost batch may have changed a setting: the client's
+            // session state is not known, and no other server can be given it.
+            startup::send_fatal(&mut self.client, "08006", LOST_SETTINGS).await;
+            return false;
+        }
         let mut b = BytesMut::with_capacity(256);
         let lost = |b: &mut BytesMut| {
             protocol::error_response(
@@ -433,7 +451,9 @@ impl Session {
                 server.stream.write_all(&b).await?;
                 server.stream.flush().await?;
                 st.pending += 1;
-                st.expect.clear();
+                // The answers still update the server's statement set: an error skips
+                // the batch's eviction Closes, and those statements stay prepared.
+                st.expect.push_sync(&mut server.prepared);
                 st.open_batch = false;
             }
             relay::drain_server(&mut server, st).await?;
@@ -485,6 +505,10 @@ impl Session {
         self.shared.cancels.unregister(self.entry.pid);
     }
 }
+
+/// The FATAL for a client whose changed session settings died unread with its server.
+pub(super) const LOST_SETTINGS: &str =
+    "pgsluice: lost connection to upstream after a statement that may have changed session settings; they could not be read back";
 
 async fn sleep_until_opt(d: Option<tokio::time::Instant>) {
     match d {

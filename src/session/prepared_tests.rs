@@ -18,14 +18,18 @@ fn parse_then_bind_elsewhere_injects_and_strips() {
     assert!(rewrite(&parse, &mut c, &mut s1, &mut e1, 10, &mut out));
     assert!(out.windows(8).any(|w| w == b"pgsl_7_1"));
     assert_eq!(e1.on_complete(b'1', &mut c), Verdict::Keep);
-    // A second server has never seen the statement: Bind gets a Parse in front of it.
+    // A second server has never seen the statement: Bind gets a Close and a Parse in
+    // front of it, both answers removed.
     let mut s2 = ServerStatements::default();
     let mut e2 = Expectations::default();
     let bind = msg(b'B', b"\0s1\0\0\0\0\0\0\0");
     out.clear();
     assert!(rewrite(&bind, &mut c, &mut s2, &mut e2, 10, &mut out));
-    assert_eq!(out[0], b'P');
+    let close = msg(b'C', b"Spgsl_7_1\0");
+    assert_eq!(&out[..close.len()], &close[..]);
+    assert_eq!(out[close.len()], b'P');
     assert!(s2.contains("pgsl_7_1"));
+    assert_eq!(e2.on_complete(b'3', &mut c), Verdict::Strip);
     assert_eq!(e2.on_complete(b'1', &mut c), Verdict::Strip);
     // Same server again: no injection.
     let mut e3 = Expectations::default();
@@ -77,8 +81,9 @@ fn error_skips_every_later_parse_and_close() {
     }
     let _ = rewrite(&msg(b'S', b""), &mut c, &mut s, &mut e, 2, &mut Vec::new());
     assert!(s.contains("pgsl_3_2") && s.contains("pgsl_3_3") && !s.contains("pgsl_3_1"));
-    // a's ParseComplete arrives, then a's Execute fails: the Close of a and the
-    // Parses of b and c are skipped.
+    // a's CloseComplete and ParseComplete arrive, then a's Execute fails: the Close of
+    // a and the Parses of b and c are skipped.
+    assert_eq!(e.on_complete(b'3', &mut c), Verdict::Strip);
     assert_eq!(e.on_complete(b'1', &mut c), Verdict::Strip);
     e.on_error(&mut s, &mut c);
     e.on_ready(b'I', &mut c);
@@ -92,7 +97,9 @@ fn error_skips_every_later_parse_and_close() {
     let mut out = Vec::new();
     let b = msg(b'B', b"\0c\0\0\0\0\0\0\0");
     assert!(rewrite(&b, &mut c, &mut s, &mut e, 10, &mut out));
-    assert_eq!(out[0], b'P');
+    let close = msg(b'C', b"Spgsl_3_3\0");
+    assert_eq!(&out[..close.len()], &close[..]);
+    assert_eq!(out[close.len()], b'P');
 }
 
 #[test]

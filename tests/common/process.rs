@@ -47,7 +47,13 @@ impl ProxyProcess {
     /// Starts `pgsluice` on free loopback ports with `extra_flags` and waits until `/readyz`
     /// answers 200 (the upstream passed a health check).
     pub async fn start(upstream: &str, extra_flags: &[&str]) -> ProxyProcess {
-        Self::start_logged(upstream, extra_flags, LogOpts::default()).await
+        // For diagnosis: `PGSLUICE_LOG=debug PGSLUICE_TEST_PROXY_LOG=/tmp/proxy.log`.
+        let filter = std::env::var("PGSLUICE_LOG").unwrap_or_else(|_| "warn".into());
+        let opts = LogOpts {
+            filter: &filter,
+            ..LogOpts::default()
+        };
+        Self::start_logged(upstream, extra_flags, opts).await
     }
 
     /// Same, with the proxy's log filter and the number of log lines kept chosen.
@@ -87,8 +93,21 @@ impl ProxyProcess {
             let stderr = child.stderr.take().expect("stderr");
             let sink = log.clone();
             // Drained continuously so a chatty proxy never blocks on a full pipe.
+            let mut copy = std::env::var("PGSLUICE_TEST_PROXY_LOG")
+                .ok()
+                .and_then(|path| {
+                    std::fs::OpenOptions::new()
+                        .create(true)
+                        .append(true)
+                        .open(path)
+                        .ok()
+                });
             std::thread::spawn(move || {
                 for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                    if let Some(f) = copy.as_mut() {
+                        use std::io::Write;
+                        let _ = writeln!(f, "{line}");
+                    }
                     let mut l = sink.lock().unwrap();
                     if l.len() >= keep {
                         l.pop_front();

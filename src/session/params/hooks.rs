@@ -287,10 +287,29 @@ impl Session {
         }
     }
 
+    /// Ends the session with a FATAL (after the batch's answer): its settings are unknown.
+    async fn lost_settings(&mut self) {
+        crate::session::startup::send_fatal(
+            &mut self.client,
+            "08006",
+            crate::session::flow::LOST_SETTINGS,
+        )
+        .await;
+        // `after_idle` drops the server and ends the session.
+        self.st.server_fatal = true;
+        self.st.fatal_to_client = true;
+    }
+
     /// After a batch: once the transaction is over, record the server's new state, reading
     /// it back when a statement may have changed a parameter.
     pub(in crate::session) async fn params_after_batch(&mut self) {
         if self.st.server_fatal {
+            if self.st.params.needs_read_back() && !self.st.fatal_to_client {
+                // The server went away right after the batch (its FATAL was not the
+                // client's to see): what the batch set cannot be read back, so the
+                // client's session cannot go on as it knows it.
+                self.lost_settings().await;
+            }
             return;
         }
         let Some(server) = self.server.as_mut() else {
@@ -313,9 +332,10 @@ impl Session {
         match tokio::time::timeout(grace, read_back(&mut server.stream)).await {
             Ok(Ok(actual)) => server.params = self.st.params.apply_read_back(actual),
             other => {
-                warn!(identity = %self.identity, ?other, "could not read session parameters back; closing that server connection");
-                self.st.params.forget_dirty();
+                warn!(identity = %self.identity, ?other, "could not read session parameters back; closing that server connection and the client's");
                 server.broken = true;
+                self.lost_settings().await;
+                return;
             }
         }
         // After a RESET the server reported its own default, but the client's value is its
