@@ -393,3 +393,56 @@ async fn client_leaving_mid_batch_leaves_no_setting_behind() {
     );
     proxy.shutdown().await;
 }
+
+/// A SET whose new value cannot be read back (here the role may not read pg_settings, as
+/// after a revoked grant; under faults: a server that dies right after the batch) is
+/// never silently dropped: the client keeps its value, or its connection ends with 08006.
+/// Before, the proxy forgot the change and the client's next statement ran without it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_setting_that_cannot_be_read_back_is_not_silently_lost() {
+    let pg = cluster().await;
+    pg.client()
+        .await
+        .batch_execute("CREATE ROLE app LOGIN; REVOKE SELECT ON pg_catalog.pg_settings FROM PUBLIC")
+        .await
+        .unwrap();
+    let proxy = TestProxy::start(&pg, &["--pool-mode", "transaction", "--pool-size", "2"]).await;
+    let (c, conn) =
+        tokio_postgres::connect(&proxy.url_for("app", "postgres"), tokio_postgres::NoTls)
+            .await
+            .unwrap();
+    let conn = tokio::spawn(conn);
+    let before = show(&c, "SHOW lock_timeout").await;
+    assert_eq!(before, "0");
+    c.batch_execute("SET lock_timeout = '20s'").await.unwrap();
+    match tokio::time::timeout(T, c.simple_query("SHOW lock_timeout"))
+        .await
+        .expect("answered")
+    {
+        Ok(msgs) => {
+            let v = msgs.into_iter().find_map(|m| match m {
+                SimpleQueryMessage::Row(r) => r.get(0).map(str::to_owned),
+                _ => None,
+            });
+            assert_eq!(v.as_deref(), Some("20s"), "the client's SET was lost");
+        }
+        Err(e) => {
+            // The session ended; the 08006 reaches the client as the answer to this query
+            // or, when it came first, as the connection's own error.
+            let ended = tokio::time::timeout(T, conn)
+                .await
+                .expect("connection task ends");
+            let codes = [
+                e.code().map(|c| c.code().to_owned()),
+                ended
+                    .unwrap()
+                    .err()
+                    .and_then(|f| f.code().map(|c| c.code().to_owned())),
+            ];
+            assert!(
+                codes.iter().any(|c| c.as_deref() == Some("08006")),
+                "the client is not told why its session ended: {e}, {codes:?}"
+            );
+        }
+    }
+}
