@@ -454,3 +454,66 @@ async fn flapping_upstream_settles_without_leaking_fds() {
     assert!(now <= baseline + margin, "fds {now} vs baseline {baseline}");
     proxy.shutdown().await;
 }
+
+/// The backend dies while the client is still sending a batch (here a large Bind): the
+/// client gets 08006 for that batch, and its next transaction runs whole on one server.
+/// Before, the dead server's FATAL (removed: nothing was owed yet) left a flag set, and
+/// the next batch's server was dropped after it: a `BEGIN` answered `T` and the client's
+/// following statements ran outside any transaction, each committed at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn server_lost_mid_batch_leaves_the_next_transaction_whole() {
+    let _serial = SERIAL.lock().await;
+    let pg = cluster().await;
+    let proxy = TestProxy::start(&pg, &["--pool-mode", "transaction", "--pool-size", "2"]).await;
+    let direct = pg.client().await;
+    let mut c = common::raw::RawClient::connect(proxy.addr()).await;
+    // Learn the backend the next batch lands on: the one that just served this client.
+    let got = c.query("SELECT pg_backend_pid()").roundtrip().await;
+    let pid = common::raw::rows(&got).first().cloned().expect("a pid row");
+    let big = "x".repeat(4 << 20);
+    c.parse("", "SELECT length($1::text)")
+        .bind("", &[big.as_str()])
+        .execute()
+        .sync();
+    let half = c.queued() / 2;
+    c.send_first(half).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    direct
+        .execute(&format!("SELECT pg_terminate_backend({pid})"), &[])
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let got = c.roundtrip().await;
+    let errs = common::raw::errors(&got);
+    assert!(
+        errs.iter()
+            .any(|e| e.starts_with("08006") || e.starts_with("57P01")),
+        "the interrupted batch fails: {got:?}"
+    );
+    assert!(
+        matches!(got.last(), Some(common::raw::Got::Ready(b'I'))),
+        "{got:?}"
+    );
+    // A whole transaction afterwards: every statement inside it, one backend.
+    let got = c.query("BEGIN").roundtrip().await;
+    assert!(
+        matches!(got.last(), Some(common::raw::Got::Ready(b'T'))),
+        "{got:?}"
+    );
+    let first = c.query("SELECT pg_backend_pid()").roundtrip().await;
+    assert!(
+        matches!(first.last(), Some(common::raw::Got::Ready(b'T'))),
+        "a statement after BEGIN ran outside the transaction: {first:?}"
+    );
+    let second = c.query("SELECT pg_backend_pid()").roundtrip().await;
+    assert_eq!(
+        common::raw::rows(&first),
+        common::raw::rows(&second),
+        "the transaction moved between backends"
+    );
+    let got = c.query("COMMIT").roundtrip().await;
+    assert!(
+        matches!(got.last(), Some(common::raw::Got::Ready(b'I'))),
+        "{got:?}"
+    );
+}

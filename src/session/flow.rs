@@ -348,9 +348,12 @@ impl Session {
         let owed = self.st.abandon_server();
         self.st.status = b'I';
         self.st.s2c.clear();
+        // The FATAL was the lost server's. Left set (it is when the FATAL came with nothing
+        // owed and was removed), it would drop the next server after its first batch:
+        // a BEGIN answered there, the statements after it ran outside the transaction.
+        self.st.server_fatal = false;
         if std::mem::take(&mut self.st.fatal_to_client) {
             // The client has the server's reason (e.g. 57P01 from pg_terminate_backend).
-            self.st.server_fatal = false;
             return false;
         }
         if self.cfg.pool_mode == PoolMode::Session {

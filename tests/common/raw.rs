@@ -111,6 +111,17 @@ impl RawClient {
         self
     }
 
+    /// Writes the first `n` queued bytes; the rest stays queued.
+    pub async fn send_first(&mut self, n: usize) {
+        let part = self.out.split_to(n.min(self.out.len()));
+        self.s.write_all(&part).await.expect("write");
+    }
+
+    /// Bytes queued and not yet written.
+    pub fn queued(&self) -> usize {
+        self.out.len()
+    }
+
     /// Writes everything queued.
     pub async fn send(&mut self) {
         let out = self.out.split();
