@@ -304,17 +304,16 @@ impl Session {
             // A FATAL means "connection over" to the client, as on a direct connection.
             return !std::mem::take(&mut self.st.fatal_to_client);
         }
-        if self.st.copy_syncs_unknown {
-            // Its answers may be out of step with the count of owed ones: never reused.
-            if let Some(mut s) = self.server.take() {
-                s.broken = true;
-            }
-            self.st.copy_syncs_unknown = false;
-        }
         if self.cfg.pool_mode == PoolMode::Transaction && self.st.status == b'I' {
-            // The slot and the connection's lease go back under one guard lock.
-            if let Some(s) = self.server.take() {
-                permit.return_lease(s.into_lease());
+            if let Some(mut s) = self.server.take() {
+                if std::mem::take(&mut self.st.copy_syncs_unknown) {
+                    // Its answers may be out of step with the count of owed ones: it
+                    // goes to no other client (in session mode the client keeps it).
+                    s.broken = true;
+                } else {
+                    // The slot and the connection's lease go back under one guard lock.
+                    permit.return_lease(s.into_lease());
+                }
             }
         }
         drop(permit);
@@ -429,7 +428,12 @@ impl Session {
                 identity = %self.identity,
                 cause = cause.as_str(),
                 age_ms = age.map(|a| a.as_millis() as u64),
-                "cancelling query of departed client"
+                "{}",
+                if in_copy {
+                    "ending COPY of departed client"
+                } else {
+                    "cancelling query of departed client"
+                }
             );
             if !in_copy {
                 if let Err(e) = send_cancel(target, self.cfg.cancel_grace).await {

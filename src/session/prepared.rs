@@ -128,8 +128,8 @@ impl ClientStatements {
         };
         w.feed(bytes);
         if w.hit {
+            // Injected Parses close their name first: one still prepared is no harm.
             server.clear();
-            server.close_first = true;
         }
         if last || w.hit {
             r.tail = None;
@@ -157,9 +157,6 @@ pub struct ServerStatements {
     marks: HashMap<String, Mark>,
     /// The names prepared here, oldest first.
     order: VecDeque<String>,
-    /// A statement may be prepared here that the set does not list (a `DISCARD ALL` that
-    /// failed part-way): close each name before preparing it.
-    close_first: bool,
     /// The number of the batch being written to this connection (wrapping).
     batch: u32,
 }
@@ -454,7 +451,8 @@ impl Expectations {
                 }
                 Expect::DropAll { saved } => {
                     // It may have run before the error; the server's list is empty and
-                    // `close_first` set, so statements given back are prepared again safely.
+                    // every injected Parse closes its name first, so statements given back are
+                    // prepared again safely.
                     for (k, v) in saved {
                         client.rare().map.entry(k).or_insert(v);
                     }
@@ -750,7 +748,8 @@ fn ensure(
     server.touch(name, false, expect);
     // Closed first even where the set says it is absent: the name only ever holds this
     // statement, so a Close costs one message and makes the Parse unable to fail with
-    // 42P05 (seen under load, not yet explained) should the set be wrong.
+    // 42P05 should the set be wrong (seen under load, not explained), and a statement left
+    // by a DISCARD ALL or DEALLOCATE ALL that failed part-way (the set is emptied) is no harm.
     put_msg(out, b'C', &[b"S", stmt.server_name.as_bytes(), &[0]]);
     expect.queue.push_back(Expect::Close {
         strip: true,

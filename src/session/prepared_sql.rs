@@ -29,7 +29,6 @@ pub(super) fn query(
         Effect::DropAll => {
             // Other clients' statements here are gone, or may be if the query fails.
             server.clear();
-            server.close_first = true;
             let saved = std::mem::take(&mut client.rare().map);
             expect.queue.push_back(Expect::DropAll { saved });
             false
@@ -90,7 +89,6 @@ pub(super) fn unnamed_parse(
             // Whether it runs is known only at its Execute: assume it does; the server's
             // statements are closed before they are prepared again either way.
             server.clear();
-            server.close_first = true;
             client.clear();
             false
         }
