@@ -63,6 +63,9 @@ pub struct CancelEntry {
     pub queued: std::sync::atomic::AtomicBool,
     /// Wakes a session waiting for in-flight cancels to finish.
     delivered: Notify,
+    /// Set by the admin console's `KILL db`: the session ends as soon as it looks.
+    killed: std::sync::atomic::AtomicBool,
+    kill: Notify,
 }
 
 impl CancelEntry {
@@ -106,6 +109,29 @@ impl CancelEntry {
     /// `enable()`) before [`set_queued`](Self::set_queued)`(true)`, so no cancel is missed.
     pub fn queued_cancelled(&self) -> tokio::sync::futures::Notified<'_> {
         self.queued_cancel.notified()
+    }
+
+    /// Ends the session (`KILL db`): it drops its server connection and tells the client.
+    pub fn kill(&self) {
+        self.killed.store(true, Ordering::Release);
+        self.kill.notify_waiters();
+    }
+
+    /// Resolves once [`kill`](Self::kill) was called, before or after this future.
+    pub async fn killed(&self) {
+        loop {
+            let n = self.kill.notified();
+            tokio::pin!(n);
+            n.as_mut().enable();
+            if self.killed.load(Ordering::Acquire) {
+                return;
+            }
+            n.await;
+        }
+    }
+
+    pub fn is_killed(&self) -> bool {
+        self.killed.load(Ordering::Acquire)
     }
 
     /// Marks the client as queued from now (`true`) or no longer queued.
@@ -184,6 +210,8 @@ impl CancelRegistry {
                 queued_cancel: Notify::new(),
                 queued: std::sync::atomic::AtomicBool::new(false),
                 delivered: Notify::new(),
+                killed: std::sync::atomic::AtomicBool::new(false),
+                kill: Notify::new(),
             });
             entries.insert(pid, e.clone());
             return e;
@@ -195,6 +223,21 @@ impl CancelRegistry {
         let mut v: Vec<_> = self.entries.lock().values().cloned().collect();
         v.sort_by_key(|e| e.pid);
         v
+    }
+
+    /// Kills every client of client-facing database `database`; returns how many.
+    pub fn kill_database(&self, database: &str) -> usize {
+        let victims: Vec<_> = self
+            .entries
+            .lock()
+            .values()
+            .filter(|e| e.client.database == database)
+            .cloned()
+            .collect();
+        for e in &victims {
+            e.kill();
+        }
+        victims.len()
     }
 
     pub fn unregister(&self, pid: i32) {

@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 mod databases;
-pub use databases::DatabaseSettings;
+pub use databases::{resolve as resolve_pool_settings, DatabaseSettings, PoolOverrides};
 
 #[derive(Parser, Debug, Clone)]
 #[command(
@@ -162,8 +162,10 @@ pub struct Flags {
     /// Client authentication method (default trust on a loopback listener, else required).
     #[arg(long, env = "PGSLUICE_AUTH")]
     pub auth: Option<AuthMethod>,
-    /// Users file (see docs/USERS_FILE.md).
+    /// Users file (see docs/USERS_FILE.md). In the TOML file also `users-file`, so that
+    /// `[users.NAME]` tables can sit beside it.
     #[arg(long, env = "PGSLUICE_USERS")]
+    #[serde(alias = "users-file")]
     pub users: Option<PathBuf>,
     /// TOML file with the same keys as the flags.
     #[arg(long, env = "PGSLUICE_CONFIG")]
@@ -254,6 +256,10 @@ pub struct Flags {
     #[arg(skip)]
     #[serde(default)]
     pub databases: HashMap<String, DatabaseSettings>,
+    /// Per-user settings (`[users.NAME]`; the file only).
+    #[arg(skip)]
+    #[serde(default, rename = "user-settings")]
+    pub user_settings: HashMap<String, DatabaseSettings>,
 }
 
 /// Where a server connection goes.
@@ -388,6 +394,7 @@ pub struct Config {
     pub health_interval: Duration,
     pub identity_label_cap: usize,
     pub databases: HashMap<String, DatabaseSettings>,
+    pub user_settings: HashMap<String, DatabaseSettings>,
     pub max_prepared_statements: usize,
     pub tls_cert: Option<PathBuf>,
     pub tls_key: Option<PathBuf>,
@@ -585,6 +592,7 @@ impl Config {
             health_interval: dur("health-interval", pick!(health_interval), "1s")?,
             identity_label_cap: pick!(identity_label_cap).unwrap_or(50),
             databases: f.databases.clone(),
+            user_settings: f.user_settings.clone(),
             max_prepared_statements: pick!(max_prepared_statements).unwrap_or(200),
             tls_cert,
             tls_key,
@@ -594,7 +602,7 @@ impl Config {
             flags,
             generation: 0,
         };
-        databases::validate(&cfg.databases)?;
+        databases::validate(&cfg.databases, &cfg.user_settings)?;
         if cfg.queue_timeout.is_zero() {
             bail!("--queue-timeout 0: must be positive (use a small value to shed at once)");
         }
@@ -636,16 +644,27 @@ pub fn parse_file_flags(text: &str) -> Result<Flags, String> {
         .parse()
         .map_err(|e: toml::de::Error| e.message().to_owned())?;
     // Accept snake_case keys as well as the flags' kebab-case.
-    let normalized: toml::Table = table
+    let mut normalized: toml::Table = table
         .into_iter()
         .map(|(k, v)| (k.replace('_', "-"), v))
         .collect();
+    // `users` is the users file's path, or (as a table) the per-user settings.
+    if normalized.get("users").is_some_and(toml::Value::is_table) {
+        if let Some(t) = normalized.remove("users") {
+            normalized.insert("user-settings".into(), t);
+        }
+    }
     normalized
         .try_into()
         .map_err(|e: toml::de::Error| e.message().to_owned())
 }
 
 impl Config {
+    /// The settings of pool (database, user) from `[users.USER]`, else `[databases.DB]`.
+    pub fn pool_overrides(&self, database: &str, user: &str) -> PoolOverrides {
+        resolve_pool_settings(&self.databases, &self.user_settings, database, user)
+    }
+
     /// Builds a configuration from a TOML file's text alone (no flags, no environment).
     pub fn from_toml_str(text: &str) -> Result<Config> {
         let file = parse_file_flags(text).map_err(|e| anyhow!("config: {e}"))?;

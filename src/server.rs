@@ -11,6 +11,7 @@ use crate::tls::upstream::UpstreamTls;
 use crate::tls::ClientTls;
 use anyhow::{Context, Result};
 use parking_lot::RwLock;
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -69,7 +70,44 @@ pub fn guard_config(cfg: &Config) -> GuardConfig {
             base_cooldown: cfg.breaker_cooldown,
             max_cooldown: cfg.breaker_max_cooldown,
         },
+        pools: pool_limits(cfg),
         ..Default::default()
+    }
+}
+
+/// A reload never changes a `[databases]` / `[users]` pool mode (see `Shared::apply`).
+fn keep_pool_modes(
+    kind: &str,
+    new: &mut HashMap<String, crate::config::DatabaseSettings>,
+    old: &HashMap<String, crate::config::DatabaseSettings>,
+) {
+    let names: std::collections::BTreeSet<String> = new.keys().chain(old.keys()).cloned().collect();
+    for name in names {
+        let was = old.get(&name).and_then(|d| d.pool_mode);
+        if new.get(&name).and_then(|d| d.pool_mode) != was {
+            warn!("[{kind}.{name}] pool-mode changes need a restart; keeping the old value");
+            new.entry(name).or_default().pool_mode = was;
+        }
+    }
+}
+
+/// `[databases]` and `[users]` bounds as the guard applies them per pool.
+fn pool_limits(cfg: &Config) -> crate::guard::PoolLimitTable {
+    let limits = |m: &HashMap<String, crate::config::DatabaseSettings>| {
+        m.iter()
+            .map(|(k, d)| {
+                let l = crate::guard::PoolLimits {
+                    max_active: d.max_active_cap(),
+                    max_queue: d.max_queue,
+                    queue_timeout: d.queue_timeout,
+                };
+                (k.clone(), l)
+            })
+            .collect()
+    };
+    crate::guard::PoolLimitTable {
+        databases: limits(&cfg.databases),
+        users: limits(&cfg.user_settings),
     }
 }
 
@@ -169,6 +207,8 @@ impl Shared {
             warn!("pool-mode changes need a restart; keeping the old value");
             new.pool_mode = old.pool_mode;
         }
+        keep_pool_modes("databases", &mut new.databases, &old.databases);
+        keep_pool_modes("users", &mut new.user_settings, &old.user_settings);
         new.generation = old.generation + 1;
         self.guard.update_config(guard_config(&new));
         self.pools.update(&new, users.clone());
@@ -203,9 +243,49 @@ impl Shared {
         metrics::gauge!(m::PAUSED).set(1.0);
     }
 
+    /// Resumes the proxy and every database paused on its own.
     pub fn resume(&self) {
-        self.guard.resume();
+        self.guard.resume_database(None);
         metrics::gauge!(m::PAUSED).set(0.0);
+    }
+
+    /// A client-facing database name with a pool or a `[databases]` entry.
+    pub fn knows_database(&self, database: &str) -> bool {
+        self.config().databases.contains_key(database)
+            || self.pools.all().iter().any(|p| p.database == database)
+    }
+
+    /// `KILL db`, the immediate part: the database is paused (new queries and logins
+    /// wait for RESUME) and each of its sessions is told to end. Returns how many.
+    pub fn kill_database(&self, database: &str) -> usize {
+        self.guard.pause_database(database);
+        self.cancels.kill_database(database)
+    }
+
+    /// `KILL db`, the rest: closes the database's idle server connections and waits
+    /// (at most `limit`) for the killed sessions to close theirs. Returns how many are
+    /// still open.
+    pub async fn close_database_servers(&self, database: &str, limit: Duration) -> usize {
+        let deadline = tokio::time::Instant::now() + limit;
+        loop {
+            let pools: Vec<_> = self
+                .pools
+                .all()
+                .into_iter()
+                .filter(|p| p.database == database)
+                .collect();
+            for p in &pools {
+                p.close_idle().await;
+            }
+            let open: usize = pools
+                .iter()
+                .map(|p| p.pool.state().connections as usize)
+                .sum();
+            if open == 0 || tokio::time::Instant::now() >= deadline {
+                return open;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
     }
 
     /// Counts a shed per identity and logs it at most once a second, with how many were

@@ -23,6 +23,9 @@ use std::sync::Arc;
 use tokio::io::AsyncReadExt;
 use tracing::info;
 
+/// How long `KILL db` waits for its database's server connections to close.
+const KILL_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// Longest console message accepted; commands are short.
 const MAX_MESSAGE: usize = 64 * 1024;
 
@@ -112,7 +115,18 @@ pub async fn run(mut client: ClientStream, shared: Arc<Shared>, info: ClientInfo
             b'Q' => {
                 let sql = body.split(|&c| c == 0).next().unwrap_or_default();
                 let sql = String::from_utf8_lossy(sql);
-                let stop = execute(&shared, role, &info, &sql, &mut out);
+                let mut killed = Vec::new();
+                let stop = execute(&shared, role, &info, &sql, &mut out, &mut killed);
+                for db in killed {
+                    // KILL returns once the database's server connections are closed, so
+                    // a DROP DATABASE can follow it.
+                    let open = shared.close_database_servers(&db, KILL_WAIT).await;
+                    if open > 0 {
+                        let msg =
+                            format!("pgsluice: KILL {db}: {open} server connections still closing");
+                        protocol::notice_response(&mut out, "01000", &msg);
+                    }
+                }
                 protocol::ready_for_query(&mut out, b'I');
                 if startup::send(&mut client, &out).await.is_err() || stop {
                     return;
@@ -172,7 +186,15 @@ fn statements(sql: &str) -> Vec<&str> {
 
 /// Runs every statement of one simple query; stops at the first error. True when the
 /// console should close (SHUTDOWN).
-fn execute(shared: &Shared, role: Role, who: &ClientInfo, sql: &str, out: &mut BytesMut) -> bool {
+/// Databases killed by `KILL db` land in `killed`, for the caller to wait on.
+fn execute(
+    shared: &Shared,
+    role: Role,
+    who: &ClientInfo,
+    sql: &str,
+    out: &mut BytesMut,
+    killed: &mut Vec<String>,
+) -> bool {
     let stmts = statements(sql);
     if stmts.is_empty() {
         out.put_u8(b'I');
@@ -180,7 +202,7 @@ fn execute(shared: &Shared, role: Role, who: &ClientInfo, sql: &str, out: &mut B
         return false;
     }
     for stmt in stmts {
-        match command(shared, role, who, stmt, out) {
+        match command(shared, role, who, stmt, out, killed) {
             Ok(stop) if stop => return true,
             Ok(_) => {}
             Err((code, msg)) => {
@@ -200,6 +222,7 @@ fn command(
     who: &ClientInfo,
     stmt: &str,
     out: &mut BytesMut,
+    killed: &mut Vec<String>,
 ) -> CmdResult {
     let words: Vec<String> = stmt
         .split_whitespace()
@@ -220,21 +243,51 @@ fn command(
             format!("pgsluice: user \"{}\" may run SHOW commands only", who.user),
         ));
     }
-    let arg = words.get(1);
-    let whole_proxy_only = |cmd: &str| -> CmdResult {
-        Err((
-            "0A000",
-            format!(
-                "pgsluice: {cmd} of one database is not supported; {cmd} without a name applies to every pool"
-            ),
-        ))
+    // Database names keep their case: the words above are upper-cased.
+    let arg = stmt.split_whitespace().nth(1).map(|a| a.trim_matches('"'));
+    let known = |db: &str| -> Result<(), (&'static str, String)> {
+        if crate::console::is_console(db) {
+            return Err((
+                "42601",
+                format!("pgsluice: {verb} {db}: that is the admin console"),
+            ));
+        }
+        if !shared.knows_database(db) {
+            return Err(("3D000", format!("pgsluice: no such database: {db}")));
+        }
+        Ok(())
     };
     match verb {
-        "PAUSE" | "RESUME" if words.len() > 2 => {
+        "PAUSE" | "RESUME" | "KILL" if words.len() > 2 => {
             Err(("42601", format!("pgsluice: {verb} takes at most one name")))
         }
-        "PAUSE" if arg.is_some() => whole_proxy_only("PAUSE"),
-        "RESUME" if arg.is_some() => whole_proxy_only("RESUME"),
+        "PAUSE" if arg.is_some() => {
+            let db = arg.unwrap_or_default();
+            known(db)?;
+            info!(user = %who.user, database = db, "database paused from the admin console");
+            shared.guard.pause_database(db);
+            protocol::command_complete(out, "PAUSE");
+            Ok(false)
+        }
+        "RESUME" if arg.is_some() => {
+            let db = arg.unwrap_or_default();
+            known(db)?;
+            info!(user = %who.user, database = db, "database resumed from the admin console");
+            shared.guard.resume_database(Some(db));
+            protocol::command_complete(out, "RESUME");
+            Ok(false)
+        }
+        "KILL" => {
+            let Some(db) = arg else {
+                return Err(("42601", "pgsluice: KILL takes a database name".to_string()));
+            };
+            known(db)?;
+            let n = shared.kill_database(db);
+            info!(user = %who.user, database = db, clients = n, "database killed from the admin console; it stays paused until RESUME");
+            killed.push(db.to_string());
+            protocol::command_complete(out, "KILL");
+            Ok(false)
+        }
         "PAUSE" => {
             info!(user = %who.user, "paused from the admin console");
             shared.pause();
@@ -272,12 +325,10 @@ fn command(
             protocol::command_complete(out, "SET");
             Ok(false)
         }
-        "KILL" | "SUSPEND" | "DISABLE" | "ENABLE" | "RECONNECT" | "WAIT_CLOSE" | "KILL_CLIENT" => {
-            Err((
-                "0A000",
-                format!("pgsluice: {verb} is not supported by this console yet"),
-            ))
-        }
+        "SUSPEND" | "DISABLE" | "ENABLE" | "RECONNECT" | "WAIT_CLOSE" | "KILL_CLIENT" => Err((
+            "0A000",
+            format!("pgsluice: {verb} is not supported by this console yet"),
+        )),
         _ => Err((
             "42601",
             format!("pgsluice: unknown command {verb:?} (try SHOW HELP)"),

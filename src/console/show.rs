@@ -15,7 +15,11 @@ use std::time::{Duration, Instant, SystemTime};
 use Ty::{Int4, Int8, Numeric, Text};
 
 fn pool_mode(shared: &Shared) -> &'static str {
-    match shared.config().pool_mode {
+    mode_name(shared.config().pool_mode)
+}
+
+fn mode_name(m: PoolMode) -> &'static str {
+    match m {
         PoolMode::Session => "session",
         PoolMode::Transaction => "transaction",
     }
@@ -104,7 +108,6 @@ pub fn pools(shared: &Shared) -> ResultSet {
     ]);
     let snap = shared.guard.snapshot();
     let clients = clients_of(shared);
-    let mode = pool_mode(shared);
     let circuit = format!("{:?}", snap.circuit).to_lowercase();
     for p in sorted_pools(shared) {
         let st = p.pool.state();
@@ -132,11 +135,11 @@ pub fn pools(shared: &Shared) -> ResultSet {
             leased.saturating_sub(active).into(),
             Val::Int(max_wait.as_secs() as i64),
             Val::Int(max_wait.subsec_micros() as i64),
-            mode.into(),
+            mode_name(p.mode).into(),
             Val::Null,
             g.map_or(0, |g| g.active).into(),
             g.map_or(0, |g| g.queued).into(),
-            snap.limit.into(),
+            g.map_or(snap.limit, |g| g.limit).into(),
             p.capacity.into(),
             t.sheds.into(),
             t.cancels.into(),
@@ -450,6 +453,9 @@ pub fn databases(shared: &Shared) -> ResultSet {
         e.3 += clients.get(&p.label).map_or(0, Vec::len);
     }
     for (db, (upstream_db, pool_size, servers, clients)) in dbs {
+        let own = cfg.databases.get(&db);
+        let mode = own.and_then(|d| d.pool_mode).unwrap_or(cfg.pool_mode);
+        let paused = paused || shared.guard.is_database_paused(&db);
         rs.row(vec![
             db.as_str().into(),
             cfg.upstream.host.as_str().into(),
@@ -460,7 +466,7 @@ pub fn databases(shared: &Shared) -> ResultSet {
             0usize.into(),
             0usize.into(),
             Val::Int(cfg.server_lifetime.map_or(0, |d| d.as_secs() as i64)),
-            pool_mode(shared).into(),
+            mode_name(mode).into(),
             Val::Null,
             Val::Int(0),
             servers.into(),
@@ -491,12 +497,16 @@ pub fn users(shared: &Shared) -> ResultSet {
         e.0 += p.pool.state().connections as usize;
         e.1 += clients.get(&p.label).map_or(0, Vec::len);
     }
+    let cfg = shared.config();
     for (user, (servers, clients)) in users {
+        let own = cfg.user_settings.get(&user);
+        let size = own.and_then(|u| u.pool_size).map(|n| n.to_string());
+        let mode = own.and_then(|u| u.pool_mode).map(mode_name);
         rs.row(vec![
             user.into(),
+            size.unwrap_or_default().into(),
             "".into(),
-            "".into(),
-            Val::Null,
+            mode.map_or(Val::Null, Val::from),
             Val::Int(0),
             servers.into(),
             Val::Int(0),

@@ -38,6 +38,8 @@ pub struct GuardConfig {
     pub shares: HashMap<String, u32>,
     /// Circuit breaker settings.
     pub breaker: BreakerConfig,
+    /// Bounds of single pools (`[databases.NAME]`, `[users.NAME]`), under the ones above.
+    pub pools: PoolLimitTable,
 }
 
 impl Default for GuardConfig {
@@ -55,6 +57,7 @@ impl Default for GuardConfig {
             cohort_rotation: Duration::from_secs(60),
             shares: HashMap::new(),
             breaker: BreakerConfig::default(),
+            pools: PoolLimitTable::default(),
         }
     }
 }
@@ -83,6 +86,42 @@ impl Default for BreakerConfig {
             failure_threshold: 5,
             base_cooldown: Duration::from_millis(500),
             max_cooldown: Duration::from_secs(30),
+        }
+    }
+}
+
+/// Bounds of one pool, under the upstream's own.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PoolLimits {
+    /// Slots the pool's queries may hold at once. In a table entry `usize::MAX` stands for
+    /// an explicit "no cap of its own" (`auto`), which a user entry uses to lift its
+    /// database's cap; resolved limits never hold it.
+    pub max_active: Option<usize>,
+    /// The pool's queries (outside transactions) that may wait at once.
+    pub max_queue: Option<usize>,
+    /// Longest wait of the pool's queries, instead of `queue_timeout`.
+    pub queue_timeout: Option<Duration>,
+}
+
+/// Pool bounds by database and by user name; a user's entry wins field by field.
+#[derive(Clone, Debug, Default)]
+pub struct PoolLimitTable {
+    pub databases: HashMap<String, PoolLimits>,
+    pub users: HashMap<String, PoolLimits>,
+}
+
+impl PoolLimitTable {
+    pub fn resolve(&self, database: &str, user: &str) -> PoolLimits {
+        let (d, u) = (self.databases.get(database), self.users.get(user));
+        let max_active = u
+            .and_then(|u| u.max_active)
+            .or(d.and_then(|d| d.max_active));
+        PoolLimits {
+            max_active: max_active.filter(|&n| n != usize::MAX),
+            max_queue: u.and_then(|u| u.max_queue).or(d.and_then(|d| d.max_queue)),
+            queue_timeout: u
+                .and_then(|u| u.queue_timeout)
+                .or(d.and_then(|d| d.queue_timeout)),
         }
     }
 }

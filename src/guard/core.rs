@@ -88,6 +88,8 @@ pub(crate) struct Core<T> {
     cohorts: Cohorts,
     breaker: Breaker,
     paused: bool,
+    /// Databases paused on their own (`PAUSE db`); pools registered later start paused.
+    paused_dbs: std::collections::HashSet<String>,
     /// Last time work was wasted: a queued client gave up (left or cancelled), a waiter
     /// timed out, or a client left with its query running.
     last_waste: Option<Instant>,
@@ -123,6 +125,7 @@ impl<T> Core<T> {
             pools: HashMap::new(),
             nonempty_since: None,
             paused: false,
+            paused_dbs: Default::default(),
             last_waste: None,
             circuit_gauge,
         }
@@ -196,12 +199,15 @@ impl<T> Core<T> {
         let limit = self.limit;
         let p = pool_entry(&mut self.pools, &req.pool, limit);
         let lease_ok = !req.lease || p.lease_free();
-        let slot_ok = !req.slot || self.active < limit;
+        let slot_ok = !req.slot || (self.active < limit && p.slot_free());
+        let paused = self.paused || p.paused;
+        let pool_queue_full = p.limits.max_queue.is_some_and(|m| p.normal_queued >= m);
+        let queue_timeout = p.limits.queue_timeout.unwrap_or(self.cfg.queue_timeout);
         // Every waiter left in a queue is one the last dispatch could not serve (no slot, no
         // connection of its pool, or paused); so a request whose resources are free now takes
         // them without overtaking anyone who could have used them.
         if !req.slot {
-            if !self.paused && lease_ok {
+            if !paused && lease_ok {
                 return Admission::Granted(self.grant_counts(&req, Duration::ZERO, false, now));
             }
         } else if req.in_transaction {
@@ -215,14 +221,14 @@ impl<T> Core<T> {
             if !mid_request && !self.cohorts.allows(req.client_id, now) {
                 return Admission::Shed(self.shed_arrival(&req, ShedReason::Cohort));
             }
-            if !self.paused && slot_ok && lease_ok {
+            if !paused && slot_ok && lease_ok {
                 return Admission::Granted(self.grant_counts(&req, Duration::ZERO, probe, now));
             }
-            if self.normal_queued >= self.cfg.max_queue {
+            if self.normal_queued >= self.cfg.max_queue || pool_queue_full {
                 return Admission::Shed(self.shed_arrival(&req, ShedReason::QueueFull));
             }
         }
-        let mut expires = later(now, self.cfg.queue_timeout);
+        let mut expires = later(now, queue_timeout);
         let client_bound = req.deadline.is_some_and(|d| d < expires);
         if let Some(d) = req.deadline {
             expires = expires.min(d);
@@ -230,7 +236,7 @@ impl<T> Core<T> {
         if expires <= now {
             let reason = if client_bound {
                 ShedReason::StatementTimeout
-            } else if self.paused && !req.in_transaction {
+            } else if paused && !req.in_transaction {
                 ShedReason::Paused
             } else {
                 ShedReason::QueueTimeout
@@ -254,6 +260,7 @@ impl<T> Core<T> {
                 self.backlogged.push(req.identity.clone());
             }
             ident.queue.push_back(id);
+            p.normal_queued += 1;
             if self.normal_queued == 0 {
                 self.nonempty_since = Some(now);
             }
@@ -383,6 +390,67 @@ impl<T> Core<T> {
         self.paused = true;
     }
 
+    /// Pauses the pools of one database (present and future); the rest run on.
+    pub(crate) fn pause_database(&mut self, database: &str) {
+        self.paused_dbs.insert(database.to_string());
+        for p in self.pools.values_mut() {
+            if p.names.as_ref().is_some_and(|(d, _)| d == database) {
+                p.paused = true;
+            }
+        }
+    }
+
+    pub(crate) fn is_database_paused(&self, database: &str) -> bool {
+        self.paused_dbs.contains(database)
+    }
+
+    /// Databases paused on their own, sorted.
+    pub(crate) fn paused_databases(&self) -> Vec<String> {
+        let mut v: Vec<String> = self.paused_dbs.iter().cloned().collect();
+        v.sort();
+        v
+    }
+
+    /// Resumes one database, or (None) everything: the whole proxy and every database.
+    pub(crate) fn resume_database(
+        &mut self,
+        database: Option<&str>,
+        now: Instant,
+        out: &mut Vec<Completion<T>>,
+    ) {
+        match database {
+            Some(db) => {
+                self.paused_dbs.remove(db);
+            }
+            None => self.paused_dbs.clear(),
+        }
+        for p in self.pools.values_mut() {
+            p.paused = p
+                .names
+                .as_ref()
+                .is_some_and(|(d, _)| self.paused_dbs.contains(d));
+        }
+        if database.is_none() {
+            self.paused = false;
+        }
+        // Time spent paused is not a standing queue.
+        self.nonempty_since = (self.normal_queued > 0).then_some(now);
+        self.dispatch(now, out);
+    }
+
+    /// Tells the core which database and user a pool label stands for, so that the pool
+    /// gets its own bounds and its database's pause.
+    pub(crate) fn register_pool(&mut self, label: &Arc<str>, database: &str, user: &str) {
+        let limit = self.limit;
+        let limits = self.cfg.pools.resolve(database, user);
+        let paused = self.paused_dbs.contains(database);
+        let p = pool_entry(&mut self.pools, label, limit);
+        p.names = Some((database.to_string(), user.to_string()));
+        p.limits = limits;
+        p.paused = paused;
+        p.m.limit.set(p.limit(limit) as f64);
+    }
+
     pub(crate) fn resume(&mut self, now: Instant, out: &mut Vec<Completion<T>>) {
         if !self.paused {
             return;
@@ -406,6 +474,11 @@ impl<T> Core<T> {
         }
         self.cohorts.reconfigure(cfg.cohorts, cfg.cohort_rotation);
         self.breaker.set_config(cfg.breaker.clone());
+        for p in self.pools.values_mut() {
+            if let Some((d, u)) = &p.names {
+                p.limits = cfg.pools.resolve(d, u);
+            }
+        }
         self.cfg = cfg;
         self.reconfigure_limiter(now);
         self.dispatch(now, out);
@@ -421,10 +494,7 @@ impl<T> Core<T> {
             let slot_free = self.active < self.limit;
             let id = if let Some(id) = self.first_eligible(&self.tx_queue).filter(|_| slot_free) {
                 id
-            } else if let Some(id) = self
-                .first_eligible(&self.conn_queue)
-                .filter(|_| !self.paused)
-            {
+            } else if let Some(id) = self.first_eligible(&self.conn_queue) {
                 id
             } else if !slot_free || self.paused || self.normal_queued == 0 {
                 break;
@@ -459,8 +529,12 @@ impl<T> Core<T> {
         let Some(w) = self.waiters.get(&id) else {
             return false;
         };
-        (!w.slot || self.active < self.limit)
-            && (!w.lease || self.pools.get(&*w.pool).map_or(true, |p| p.lease_free()))
+        let p = self.pools.get(&*w.pool);
+        // Statements of open transactions pass a pause, so that they can finish.
+        let paused = !w.in_tx && (self.paused || p.is_some_and(|p| p.paused));
+        !paused
+            && (!w.slot || (self.active < self.limit && p.map_or(true, Pool::slot_free)))
+            && (!w.lease || p.map_or(true, Pool::lease_free))
     }
 
     fn first_eligible(&self, q: &VecDeque<u64>) -> Option<u64> {
@@ -498,6 +572,9 @@ impl<T> Core<T> {
                 if i.queue.is_empty() {
                     self.backlogged.retain(|n| **n != *w.identity);
                 }
+            }
+            if let Some(p) = self.pools.get_mut(&*w.pool) {
+                p.normal_queued = p.normal_queued.saturating_sub(1);
             }
             self.normal_queued = self.normal_queued.saturating_sub(1);
             if self.normal_queued == 0 {

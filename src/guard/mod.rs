@@ -88,7 +88,7 @@ use std::time::{Duration, Instant};
 use parking_lot::Mutex;
 use tokio::sync::oneshot;
 
-pub use self::config::{AdaptiveConfig, BreakerConfig, GuardConfig};
+pub use self::config::{AdaptiveConfig, BreakerConfig, GuardConfig, PoolLimitTable, PoolLimits};
 pub use self::snapshot::{GuardSnapshot, IdentitySnapshot, PoolSnapshot};
 pub use self::types::{AdmitRequest, CircuitState, Shed, ShedReason};
 
@@ -178,6 +178,33 @@ impl Guard {
 
     pub fn is_paused(&self) -> bool {
         self.core.lock().is_paused()
+    }
+
+    /// Holds new queries and logins of one database's pools (see `pause`).
+    pub fn pause_database(&self, database: &str) {
+        self.core.lock().pause_database(database);
+    }
+
+    /// Resumes one database, or (None) the whole proxy and every paused database.
+    pub fn resume_database(&self, database: Option<&str>) {
+        let mut out = Vec::new();
+        self.core.lock().resume_database(database, now(), &mut out);
+        self.deliver(out);
+    }
+
+    pub fn is_database_paused(&self, database: &str) -> bool {
+        self.core.lock().is_database_paused(database)
+    }
+
+    /// Databases paused on their own, sorted.
+    pub fn paused_databases(&self) -> Vec<String> {
+        self.core.lock().paused_databases()
+    }
+
+    /// Names the database and user of pool `label`: it gets their bounds
+    /// (`GuardConfig::pools`) and its database's pause.
+    pub fn register_pool(&self, label: &Arc<str>, database: &str, user: &str) {
+        self.core.lock().register_pool(label, database, user);
     }
 
     /// The upstream answered (connect or query): closes a half-open circuit.

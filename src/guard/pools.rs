@@ -5,6 +5,7 @@ use std::sync::Arc;
 
 use metrics::{Counter, Gauge, Histogram};
 
+use super::config::PoolLimits;
 use super::types::ShedReason;
 use crate::metrics as names;
 
@@ -38,12 +39,31 @@ pub(crate) struct Pool {
     /// Server connections handed to sessions (leases), at most `capacity`.
     pub leased: usize,
     pub capacity: usize,
+    /// Waiters outside transactions (what `max_queue` bounds).
+    pub normal_queued: usize,
+    /// Names the pool was registered with (`Core::register_pool`); None for a pool only
+    /// ever named by its label (tests).
+    pub names: Option<(String, String)>,
+    /// Its own bounds from `[databases]` / `[users]`.
+    pub limits: PoolLimits,
+    /// Its database is paused (`PAUSE db`, `KILL db`).
+    pub paused: bool,
     pub m: PoolMetrics,
 }
 
 impl Pool {
     pub fn lease_free(&self) -> bool {
         self.leased < self.capacity
+    }
+
+    /// Under the pool's own cap on running queries.
+    pub fn slot_free(&self) -> bool {
+        self.limits.max_active.map_or(true, |m| self.active < m)
+    }
+
+    /// Slots in force for this pool: its own cap under the upstream's `limit`.
+    pub fn limit(&self, limit: usize) -> usize {
+        self.limits.max_active.map_or(limit, |m| m.min(limit))
     }
 }
 
@@ -62,6 +82,10 @@ pub(crate) fn pool_entry<'a>(
                 queued: 0,
                 leased: 0,
                 capacity: usize::MAX,
+                normal_queued: 0,
+                names: None,
+                limits: PoolLimits::default(),
+                paused: false,
                 m,
             },
         );

@@ -17,6 +17,8 @@ pub struct GuardSnapshot {
     pub adaptive: bool,
     pub queued: usize,
     pub paused: bool,
+    /// Databases paused on their own.
+    pub paused_databases: Vec<String>,
     pub circuit: CircuitState,
     /// True while the queue has stood longer than the CoDel interval.
     pub standing_queue: bool,
@@ -34,6 +36,10 @@ pub struct PoolSnapshot {
     /// Server connections held by sessions, out of `capacity`.
     pub leased: usize,
     pub capacity: usize,
+    /// Slots in force for the pool: its own `max-active` under the upstream's limit.
+    pub limit: usize,
+    /// Its database is paused on its own (`PAUSE db`, `KILL db`).
+    pub paused: bool,
 }
 
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]

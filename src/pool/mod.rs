@@ -5,7 +5,7 @@ use crate::auth::upstream::{
     upstream_login, upstream_startup_bound, Binding, Credentials, UpstreamAuthError,
 };
 use crate::auth::UserStore;
-use crate::config::{Config, DatabaseSettings, Upstream};
+use crate::config::{Config, DatabaseSettings, PoolMode, Upstream};
 use crate::guard::{Guard, Lease};
 use crate::metrics as m;
 use crate::tls::upstream::UpstreamTls;
@@ -270,6 +270,8 @@ pub struct PoolEntry {
     /// Connections this pool may have (bb8's max_size, fixed when the pool was made): the
     /// guard hands out at most this many leases.
     pub capacity: usize,
+    /// Session or transaction pooling, fixed when the pool was made.
+    pub mode: PoolMode,
     /// Counters for `SHOW STATS`.
     pub stats: PoolStats,
     /// Open server connections, for `SHOW SERVERS`.
@@ -278,6 +280,25 @@ pub struct PoolEntry {
     params: Arc<RwLock<Vec<(String, String)>>>,
     /// Opens connections with a client's startup parameters (session pooling).
     manager: ServerManager,
+}
+
+impl PoolEntry {
+    /// Closes the pool's idle server connections now (`KILL db`); connections held by
+    /// sessions close with them.
+    pub async fn close_idle(&self) -> usize {
+        let mut closed = 0;
+        // Bounded: a connection taken here is gone for good, so the count only falls.
+        while self.pool.state().idle_connections > 0 && closed < self.capacity {
+            match tokio::time::timeout(Duration::from_millis(50), self.pool.get()).await {
+                Ok(Ok(mut c)) => {
+                    c.broken = true;
+                    closed += 1;
+                }
+                _ => break,
+            }
+        }
+        closed
+    }
 }
 
 /// A checked-out server connection with the guard's lease on it. Fields drop in order: the
@@ -393,7 +414,9 @@ struct PoolSettings {
     lifetime: Option<Duration>,
     idle_timeout: Option<Duration>,
     connect_timeout: Duration,
+    pool_mode: PoolMode,
     databases: HashMap<String, DatabaseSettings>,
+    users: HashMap<String, DatabaseSettings>,
 }
 
 impl PoolSettings {
@@ -403,7 +426,9 @@ impl PoolSettings {
             lifetime: cfg.server_lifetime,
             idle_timeout: cfg.server_idle_timeout,
             connect_timeout: cfg.connect_timeout,
+            pool_mode: cfg.pool_mode,
             databases: cfg.databases.clone(),
+            users: cfg.user_settings.clone(),
         }
     }
 }
@@ -461,9 +486,13 @@ impl PoolRegistry {
         let upstream_database = db
             .and_then(|d| d.dbname.clone())
             .unwrap_or_else(|| database.to_string());
-        if let Some(n) = db.and_then(|d| d.pool_size) {
+        let own = crate::config::resolve_pool_settings(&s.databases, &s.users, database, user);
+        if let Some(n) = own.pool_size {
             s.size = n;
         }
+        // Fixed for the pool's life: a session-mode server (with its session state) must
+        // never become a shared one.
+        let mode = own.pool_mode.unwrap_or(s.pool_mode);
         let creds = configured_credentials(&self.users.read(), &self.upstream, user);
         let creds = Arc::new(RwLock::new(creds));
         let label: Arc<str> = format!("{database}/{user}").into();
@@ -503,13 +532,19 @@ impl PoolRegistry {
             upstream_database,
             user: user.to_string(),
             capacity: s.size,
+            mode,
             stats: PoolStats::default(),
             servers,
             creds,
             params,
             manager,
         });
-        self.pools.lock().entry(key).or_insert(entry).clone()
+        let mut pools = self.pools.lock();
+        let entry = pools.entry(key).or_insert(entry).clone();
+        // Under the pools lock, so the guard learns each pool once, with its names.
+        self.guard
+            .register_pool(&entry.label, &entry.database, &entry.user);
+        entry
     }
 
     /// How server connections are secured (shared with the health check).

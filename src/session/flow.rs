@@ -91,6 +91,10 @@ impl Session {
                         Err(()) => Admission::ClientGone,
                     };
                 }
+                _ = self.entry.killed() => {
+                    Box::pin(self.end_killed(None)).await;
+                    break Admission::ClientGone;
+                }
                 r = self.client.readable(), if watch_client => {
                     if r.is_err() {
                         self.st.client_eof = true;
@@ -193,13 +197,14 @@ impl Session {
         let ev = loop {
             let fut = relay::relay(&mut self.client, server, &mut self.st);
             tokio::select! {
-                ev = fut => break ev,
+                ev = fut => break Some(ev),
                 _ = sleep_until_opt(give_up), if give_up.is_some() => {
-                    break RelayEvent::ServerGone(std::io::Error::new(
+                    break Some(RelayEvent::ServerGone(std::io::Error::new(
                         std::io::ErrorKind::TimedOut,
                         "upstream did not answer a cancelled query within cancel-grace",
-                    ));
+                    )));
                 }
+                _ = self.entry.killed() => break None,
                 _ = sleep_until_opt(deadline), if !timed_out => {
                     timed_out = true;
                     self.shared.guard.record_waste();
@@ -215,6 +220,12 @@ impl Session {
         };
         self.shared.clients_active.fetch_sub(1, Ordering::Relaxed);
         self.entry.end_query();
+        let Some(ev) = ev else {
+            drop(permit);
+            self.shared.count_query(&self.pool, "cancelled");
+            Box::pin(self.end_killed(Some(target))).await;
+            return false;
+        };
         let outcome = if timed_out {
             "timeout"
         } else if self.st.saw_error {
@@ -304,7 +315,7 @@ impl Session {
             // A FATAL means "connection over" to the client, as on a direct connection.
             return !std::mem::take(&mut self.st.fatal_to_client);
         }
-        if self.cfg.pool_mode == PoolMode::Transaction && self.st.status == b'I' {
+        if self.pool.mode == PoolMode::Transaction && self.st.status == b'I' {
             if let Some(mut s) = self.server.take() {
                 if std::mem::take(&mut self.st.copy_syncs_unknown) {
                     // Its answers may be out of step with the count of owed ones: it
@@ -355,7 +366,7 @@ impl Session {
             // The client has the server's reason (e.g. 57P01 from pg_terminate_backend).
             return false;
         }
-        if self.cfg.pool_mode == PoolMode::Session {
+        if self.pool.mode == PoolMode::Session {
             startup::send_fatal(
                 &mut self.client,
                 "08006",
@@ -446,7 +457,7 @@ impl Session {
             return;
         }
         self.st.c2s.clear();
-        let session_mode = self.cfg.pool_mode == PoolMode::Session;
+        let session_mode = self.pool.mode == PoolMode::Session;
         let st = &mut self.st;
         let reset = async {
             if super::copyin::abort_copy_in(st) {

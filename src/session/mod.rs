@@ -70,7 +70,7 @@ pub async fn run(sock: TcpStream, shared: Arc<Shared>) {
     );
     let client_id = shared.next_client_id();
     let mut st = RelayState::new();
-    if cfg.pool_mode == PoolMode::Transaction {
+    if pool.mode == PoolMode::Transaction {
         st.enable_rewrite(client_id, cfg.max_prepared_statements);
     }
     let mut s = Session {
@@ -186,7 +186,7 @@ impl Session {
         let mut params = self.pool.server_params();
         let check = params::needs_check(&self.info.params);
         let mut canonical = None;
-        if params.is_empty() || self.cfg.pool_mode == PoolMode::Session || check {
+        if params.is_empty() || self.pool.mode == PoolMode::Session || check {
             // First client of this pool (or session mode, or startup values to check): log
             // in upstream now, so a bad database, user or setting is reported at connect
             // time as PostgreSQL would.
@@ -200,7 +200,7 @@ impl Session {
             canonical =
                 Some(Box::pin(params::resolve(Some(&mut server), &self.info.params)).await?);
             params = self.pool.server_params();
-            if self.cfg.pool_mode == PoolMode::Session {
+            if self.pool.mode == PoolMode::Session {
                 self.server = Some(server);
             }
         }
@@ -209,7 +209,7 @@ impl Session {
             None => Box::pin(params::resolve(None, &self.info.params)).await?,
         };
         self.start_params(&canonical, &params);
-        if self.cfg.pool_mode == PoolMode::Session {
+        if self.pool.mode == PoolMode::Session {
             Box::pin(self.session_login(&canonical)).await?;
         }
         let mut b = BytesMut::with_capacity(512);
@@ -372,6 +372,10 @@ impl Session {
                     self.idle_in_transaction_expired().await;
                     return false;
                 }
+                _ = self.entry.killed() => {
+                    Box::pin(self.end_killed(None)).await;
+                    return false;
+                }
                 _ = async { let _ = shutdown.wait_for(|v| *v).await; }, if !in_tx => {
                     startup::send_fatal(&mut self.client, "57P01", "pgsluice: terminating connection because the proxy is shutting down").await;
                     return false;
@@ -390,6 +394,28 @@ impl Session {
                 }
             }
         }
+    }
+
+    /// `KILL db` reached this session. Its server connection is closed, never pooled (it
+    /// may hold the client's transaction or session state), after a cancel of the query
+    /// `running` on it; the client hears what PostgreSQL says when a backend is terminated.
+    async fn end_killed(&mut self, running: Option<BackendTarget>) {
+        info!(identity = %self.identity, "session killed from the admin console");
+        if let Some(t) = running {
+            if let Err(e) = crate::cancel::send_cancel(t, self.cfg.cancel_grace).await {
+                debug!(error = %e, "could not cancel the killed session's query");
+            }
+        }
+        if let Some(mut s) = self.server.take() {
+            s.broken = true;
+        }
+        self.st.terminated = true;
+        startup::send_fatal(
+            &mut self.client,
+            "57P01",
+            "terminating connection due to administrator command (pgsluice: KILL)",
+        )
+        .await;
     }
 
     /// Reads what the client has sent without blocking. Ok(false) when nothing was there.

@@ -71,7 +71,7 @@ impl<T> Core<T> {
             .map_or(self.cfg.max_active, |l| l.limit());
         self.limit = limit;
         for p in self.pools.values() {
-            p.m.limit.set(limit as f64);
+            p.m.limit.set(p.limit(limit) as f64);
         }
     }
 
@@ -79,7 +79,7 @@ impl<T> Core<T> {
         debug!(upstream = %self.cfg.upstream, "concurrency limit {c}");
         self.limit = c.to;
         for p in self.pools.values() {
-            p.m.limit.set(c.to as f64);
+            p.m.limit.set(p.limit(c.to) as f64);
         }
     }
 

@@ -77,12 +77,10 @@ impl<T> Core<T> {
     /// `database_bound`, counting `freed` slots just released as still running (in
     /// dispatch, the resource the waiter is about to get was busy until this instant).
     pub(super) fn bound_by_running(&self, w: &Waiter<T>, freed: usize) -> bool {
+        let p = self.pools.get(&*w.pool);
         self.active + freed >= self.limit
-            || (w.lease
-                && self
-                    .pools
-                    .get(&*w.pool)
-                    .is_some_and(|p| p.active + freed >= p.capacity))
+            || p.is_some_and(|p| p.limits.max_active.is_some_and(|m| p.active + freed >= m))
+            || (w.lease && p.is_some_and(|p| p.active + freed >= p.capacity))
     }
 
     /// Arrival time of the longest-waiting normal (not in-transaction) query.
@@ -111,7 +109,7 @@ impl<T> Core<T> {
         if now >= w.expires {
             return Some(if w.client_bound {
                 ShedReason::StatementTimeout
-            } else if self.paused && !w.in_tx {
+            } else if !w.in_tx && self.waiter_paused(w) {
                 ShedReason::Paused
             } else {
                 ShedReason::QueueTimeout
@@ -119,6 +117,7 @@ impl<T> Core<T> {
         }
         if !w.in_tx
             && w.slot
+            && !self.waiter_paused(w)
             && self.bound_by_running(w, freed)
             && self.standing(now)
             && now.saturating_duration_since(w.enqueued) >= self.cfg.codel_target
@@ -128,9 +127,14 @@ impl<T> Core<T> {
         None
     }
 
+    /// The waiter's pool is paused (the whole proxy, or its database).
+    pub(super) fn waiter_paused(&self, w: &Waiter<T>) -> bool {
+        self.paused || self.pools.get(&*w.pool).is_some_and(|p| p.paused)
+    }
+
     pub(super) fn wake_at(&self, w: &Waiter<T>, now: Instant) -> Instant {
         match self.nonempty_since {
-            Some(since) if !w.in_tx && w.slot && !self.paused => {
+            Some(since) if !w.in_tx && w.slot && !self.waiter_paused(w) => {
                 // Standing from when both the queue and its oldest waiter are an interval old.
                 let oldest = self.oldest_normal().unwrap_or(w.enqueued);
                 let codel = later(since.max(oldest), self.cfg.codel_interval)

@@ -18,6 +18,8 @@ impl<T> Core<T> {
                     queued: p.queued,
                     leased: p.leased,
                     capacity: p.capacity,
+                    limit: p.limit(self.limit),
+                    paused: p.paused,
                 };
                 (k.to_string(), s)
             })
@@ -44,6 +46,7 @@ impl<T> Core<T> {
             adaptive: self.limiter.is_some(),
             queued: self.waiters.len(),
             paused: self.paused,
+            paused_databases: self.paused_databases(),
             circuit,
             standing_queue: self.standing(now),
             admitted_cohorts: self.cohorts.admitted(),

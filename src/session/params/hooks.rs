@@ -206,7 +206,7 @@ impl Session {
         canonical: &[(usize, String)],
         server: &[(String, String)],
     ) {
-        let mode = match self.cfg.pool_mode {
+        let mode = match self.pool.mode {
             crate::config::PoolMode::Session => Mode::Session,
             crate::config::PoolMode::Transaction => Mode::Transaction,
         };
