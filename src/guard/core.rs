@@ -451,6 +451,11 @@ impl<T> Core<T> {
         p.m.limit.set(p.limit(limit) as f64);
     }
 
+    #[cfg(test)]
+    pub(crate) fn pool_limits(&self, pool: &str) -> super::config::PoolLimits {
+        self.pools.get(pool).map(|p| p.limits).unwrap_or_default()
+    }
+
     pub(crate) fn resume(&mut self, now: Instant, out: &mut Vec<Completion<T>>) {
         if !self.paused {
             return;

@@ -80,6 +80,8 @@ mod tests_lease;
 #[cfg(test)]
 mod tests_limiter;
 #[cfg(test)]
+mod tests_pools;
+#[cfg(test)]
 mod tests_prop;
 
 use std::sync::{Arc, Weak};

@@ -81,6 +81,11 @@ impl Sim {
         );
     }
 
+    /// The bounds a pool resolved to.
+    pub(super) fn core_limits(&self, pool: &str) -> super::PoolLimits {
+        self.core.pool_limits(pool)
+    }
+
     pub(super) fn release(&mut self, g: &Grant) {
         self.core.release(g, self.now, &mut self.out);
     }
