@@ -197,14 +197,14 @@ impl Session {
         let ev = loop {
             let fut = relay::relay(&mut self.client, server, &mut self.st);
             tokio::select! {
-                ev = fut => break Some(ev),
+                ev = fut => break ev,
                 _ = sleep_until_opt(give_up), if give_up.is_some() => {
-                    break Some(RelayEvent::ServerGone(std::io::Error::new(
+                    break RelayEvent::ServerGone(std::io::Error::new(
                         std::io::ErrorKind::TimedOut,
                         "upstream did not answer a cancelled query within cancel-grace",
-                    )));
+                    ));
                 }
-                _ = self.entry.killed() => break None,
+                _ = self.entry.killed() => break RelayEvent::Killed,
                 _ = sleep_until_opt(deadline), if !timed_out => {
                     timed_out = true;
                     self.shared.guard.record_waste();
@@ -220,12 +220,6 @@ impl Session {
         };
         self.shared.clients_active.fetch_sub(1, Ordering::Relaxed);
         self.entry.end_query();
-        let Some(ev) = ev else {
-            drop(permit);
-            self.shared.count_query(&self.pool, "cancelled");
-            Box::pin(self.end_killed(Some(target))).await;
-            return false;
-        };
         let outcome = if timed_out {
             "timeout"
         } else if self.st.saw_error {
@@ -288,6 +282,18 @@ impl Session {
                 warn!(identity = %self.identity, error = %e, "upstream sent an invalid message");
                 drop(permit);
                 self.server_lost().await
+            }
+            RelayEvent::Killed => {
+                drop(permit);
+                self.shared.count_query(&self.pool, "cancelled");
+                // Rebuilt rather than kept: a local alive across the relay would enlarge the future.
+                let running = self.server.as_ref().map(|s| BackendTarget {
+                    addr: s.addr,
+                    pid: s.pid,
+                    secret: s.secret,
+                });
+                Box::pin(self.end_killed(running)).await;
+                false
             }
             RelayEvent::Stale => {
                 // Nothing ran: no query outcome and no upstream failure (the breaker must

@@ -356,6 +356,9 @@ impl Session {
             .filter(|_| self.st.status != b'I' && self.server.is_some());
         let mut shutdown = self.shared.shutdown_rx();
         let in_tx = self.st.status != b'I';
+        // Boxed, and only when set: the timer would otherwise enlarge every session's future.
+        // Made once, so wake-ups that bring no message do not restart it.
+        let mut idle_sleep = idle_tx.map(|d| Box::pin(tokio::time::sleep(d)));
         loop {
             let readable = self.client.readable();
             let watch_server = self.server.is_some();
@@ -368,7 +371,7 @@ impl Session {
                     }
                     continue;
                 }
-                _ = sleep_opt(idle_tx) => {
+                _ = sleep_opt(idle_sleep.as_mut()) => {
                     self.idle_in_transaction_expired().await;
                     return false;
                 }
@@ -458,9 +461,9 @@ async fn server_readable(server: &mut Option<Server>) {
     }
 }
 
-async fn sleep_opt(d: Option<Duration>) {
-    match d {
-        Some(d) => tokio::time::sleep(d).await,
+async fn sleep_opt(s: Option<&mut std::pin::Pin<Box<tokio::time::Sleep>>>) {
+    match s {
+        Some(s) => s.as_mut().await,
         None => std::future::pending().await,
     }
 }

@@ -37,6 +37,9 @@ pub enum RelayEvent {
     /// A freshly checked-out server failed before its first byte (EOF, or a FATAL saying it
     /// was terminated): nothing ran there. The client's bytes are back in `c2s`, unsent.
     Stale,
+    /// The admin console's `KILL db` ended the session mid-batch (set by the session, never
+    /// by the relay itself).
+    Killed,
 }
 
 /// Client bytes kept for a resend on another server, at most.
