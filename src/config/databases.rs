@@ -35,9 +35,10 @@ pub struct DatabaseSettings {
 
 fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
     let s = String::deserialize(d)?;
+    // Only queue-timeout uses this; toml's message would not name the key.
     super::parse_duration(&s)
         .map(Some)
-        .map_err(serde::de::Error::custom)
+        .map_err(|e| serde::de::Error::custom(format!("queue-timeout {s:?}: {e}")))
 }
 
 /// A pool's own size and mode, after user > database (the guard resolves its bounds the
