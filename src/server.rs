@@ -100,6 +100,7 @@ fn pool_limits(cfg: &Config) -> crate::guard::PoolLimitTable {
                     max_active: d.max_active_cap(),
                     max_queue: d.max_queue,
                     queue_timeout: d.queue_timeout,
+                    share: d.share,
                 };
                 (k.clone(), l)
             })

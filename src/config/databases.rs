@@ -31,6 +31,9 @@ pub struct DatabaseSettings {
     /// Longest wait for these pools' queries (default: `queue-timeout`).
     #[serde(alias = "queue_timeout", default, deserialize_with = "duration")]
     pub queue_timeout: Option<Duration>,
+    /// Fair-share weight of the client identities of these pools (as `--share`, which
+    /// wins for an identity it names).
+    pub share: Option<u32>,
 }
 
 fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
@@ -112,6 +115,9 @@ fn check(kind: &str, name: &str, d: &DatabaseSettings) -> Result<()> {
     if d.max_queue.is_some_and(|n| n > 1_000_000) {
         bail!("[{kind}.{name}] max-queue: at most 1000000");
     }
+    if d.share.is_some_and(|w| !(1..=1000).contains(&w)) {
+        bail!("[{kind}.{name}] share: must be a whole number from 1 to 1000");
+    }
     if d.queue_timeout.is_some_and(|t| t.is_zero()) {
         bail!("[{kind}.{name}] queue-timeout 0: must be positive");
     }
@@ -165,7 +171,8 @@ mod tests {
             "[a]\nqueue-timeout = \"soon\"\n"
         )
         .is_err());
-        assert!(toml::from_str::<HashMap<String, DatabaseSettings>>("[a]\nshare = 2\n").is_err());
+        assert!(e("", "[u]\nshare = 0\n").contains("[users.u] share"));
+        assert!(toml::from_str::<HashMap<String, DatabaseSettings>>("[a]\nweight = 2\n").is_err());
         validate(&parse("[a]\nmax-active = \"auto\"\n"), &parse("")).unwrap();
     }
 }

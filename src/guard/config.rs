@@ -63,9 +63,15 @@ impl Default for GuardConfig {
 }
 
 impl GuardConfig {
-    /// Fair-share weight of an identity (never 0).
-    pub fn weight_of(&self, identity: &str) -> u32 {
-        self.shares.get(identity).copied().unwrap_or(1).max(1)
+    /// Fair-share weight of an identity (never 0): its `--share`, else the `share` of the
+    /// pool its queries come from, else 1.
+    pub fn weight_of(&self, identity: &str, pool_share: Option<u32>) -> u32 {
+        self.shares
+            .get(identity)
+            .copied()
+            .or(pool_share)
+            .unwrap_or(1)
+            .max(1)
     }
 }
 
@@ -101,6 +107,9 @@ pub struct PoolLimits {
     pub max_queue: Option<usize>,
     /// Longest wait of the pool's queries, instead of `queue_timeout`.
     pub queue_timeout: Option<Duration>,
+    /// Fair-share weight of the identities whose queries come from this pool (an
+    /// identity's own `--share` wins).
+    pub share: Option<u32>,
 }
 
 /// Pool bounds by database and by user name; a user's entry wins field by field.
@@ -122,6 +131,7 @@ impl PoolLimitTable {
             queue_timeout: u
                 .and_then(|u| u.queue_timeout)
                 .or(d.and_then(|d| d.queue_timeout)),
+            share: u.and_then(|u| u.share).or(d.and_then(|d| d.share)),
         }
     }
 }

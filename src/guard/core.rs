@@ -249,7 +249,8 @@ impl<T> Core<T> {
         let p = pool_entry(&mut self.pools, &req.pool, limit);
         p.queued += 1;
         p.m.queued.set(p.queued as f64);
-        let ident = ident_entry(&mut self.idents, &req.identity, &self.cfg);
+        let share = p.limits.share;
+        let ident = ident_entry(&mut self.idents, &req.identity, &self.cfg, &req.pool, share);
         if !req.slot {
             self.conn_queue.push_back(id);
         } else if req.in_transaction {
@@ -474,15 +475,16 @@ impl<T> Core<T> {
         now: Instant,
         out: &mut Vec<Completion<T>>,
     ) {
-        for (name, ident) in self.idents.iter_mut() {
-            ident.weight = cfg.weight_of(name);
-        }
         self.cohorts.reconfigure(cfg.cohorts, cfg.cohort_rotation);
         self.breaker.set_config(cfg.breaker.clone());
         for p in self.pools.values_mut() {
             if let Some((d, u)) = &p.names {
                 p.limits = cfg.pools.resolve(d, u);
             }
+        }
+        for (name, ident) in self.idents.iter_mut() {
+            let share = self.pools.get(&*ident.pool).and_then(|p| p.limits.share);
+            ident.weight = cfg.weight_of(name, share);
         }
         self.cfg = cfg;
         self.reconfigure_limiter(now);
@@ -629,7 +631,8 @@ impl<T> Core<T> {
             p.active += 1;
             p.m.active.set(p.active as f64);
             self.active += 1;
-            let i = ident_entry(&mut self.idents, identity, &self.cfg);
+            let share = p.limits.share;
+            let i = ident_entry(&mut self.idents, identity, &self.cfg, pool, share);
             i.active += 1;
             i.admitted_total += 1;
         }
@@ -686,7 +689,8 @@ impl<T> Core<T> {
         let p = pool_entry(&mut self.pools, pool, self.limit);
         p.m.shed[reason.index()].increment(1);
         p.m.wait.record(waited.as_secs_f64());
-        ident_entry(&mut self.idents, identity, &self.cfg).shed_total += 1;
+        let share = p.limits.share;
+        ident_entry(&mut self.idents, identity, &self.cfg, pool, share).shed_total += 1;
         Shed {
             reason,
             waited,

@@ -17,12 +17,16 @@ pub(crate) struct Ident {
     pub shed_total: u64,
     /// Waiters of this identity inside an open transaction (they queue apart).
     pub tx_queued: usize,
+    /// The pool it was first seen in, whose `share` is its weight unless `--share` names it.
+    pub pool: Arc<str>,
 }
 
 pub(crate) fn ident_entry<'a>(
     idents: &'a mut HashMap<Arc<str>, Ident>,
     name: &Arc<str>,
     cfg: &GuardConfig,
+    pool: &Arc<str>,
+    pool_share: Option<u32>,
 ) -> &'a mut Ident {
     if !idents.contains_key(&**name) {
         if idents.len() >= MAX_IDENTITIES {
@@ -34,12 +38,13 @@ pub(crate) fn ident_entry<'a>(
             });
         }
         let ident = Ident {
-            weight: cfg.weight_of(name),
+            weight: cfg.weight_of(name, pool_share),
             active: 0,
             queue: VecDeque::new(),
             admitted_total: 0,
             shed_total: 0,
             tx_queued: 0,
+            pool: pool.clone(),
         };
         idents.insert(name.clone(), ident);
     }

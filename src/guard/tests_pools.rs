@@ -199,3 +199,54 @@ fn a_paused_database_times_out_as_paused_and_resume_all_clears_it() {
     assert!(s.core.paused_databases().is_empty());
     s.must_grant(on("app/u", "a", 2));
 }
+
+#[test]
+fn a_pool_share_weighs_its_identities_unless_share_names_them() {
+    let mut c = with_db(
+        8,
+        "big",
+        PoolLimits {
+            share: Some(3),
+            ..PoolLimits::default()
+        },
+    );
+    c.queue_timeout = Duration::from_secs(3600);
+    let mut s = Sim::new(c);
+    register(&mut s, "big/u", "big", "u");
+    register(&mut s, "small/u", "small", "u");
+    let mut running = std::collections::VecDeque::new();
+    for i in 0..8 {
+        let pool = if i % 2 == 0 { "big/u" } else { "small/u" };
+        running.push_back(s.must_grant(on(pool, &format!("id-{pool}"), i)));
+    }
+    for t in 0..300u64 {
+        s.must_queue(on("big/u", "id-big/u", 100 + t), 100 + t);
+        s.must_queue(on("small/u", "id-small/u", 1000 + t), 1000 + t);
+    }
+    let mut big = 0u32;
+    for _ in 0..400 {
+        s.advance(ms(1));
+        let g = running.pop_front().unwrap();
+        s.release(&g);
+        for (_, res) in s.drain() {
+            let g = res.expect("granted");
+            big += u32::from(&*g.pool == "big/u");
+            running.push_back(g);
+        }
+    }
+    let ratio = f64::from(big) / f64::from(400 - big);
+    assert!((ratio - 3.0).abs() <= 0.3, "big={big} ratio={ratio}");
+    // A reload that names the identity with --share overrides the pool's share.
+    let mut c = with_db(
+        8,
+        "big",
+        PoolLimits {
+            share: Some(3),
+            ..PoolLimits::default()
+        },
+    );
+    c.shares.insert("id-big/u".into(), 1);
+    s.core.update_config(c, s.now, &mut s.out);
+    let w = s.core.snapshot(s.now).identities["id-big/u"].weight;
+    assert_eq!(w, 1);
+}
