@@ -123,7 +123,7 @@ async fn kill_ends_a_databases_sessions_closes_its_servers_and_holds_it_until_re
         assert_eq!(code(&e).as_deref(), Some(want), "{cmd}: {e:?}");
     }
 
-    console.simple_query("KILL app").await.unwrap();
+    console_psql(&proxy, "KILL app");
 
     // The running query ended at once with PostgreSQL's terminated-backend error.
     let (r, took) = tokio::time::timeout(Duration::from_secs(10), sleeping)
@@ -194,7 +194,7 @@ async fn kill_ends_a_databases_sessions_closes_its_servers_and_holds_it_until_re
     tx.batch_execute("BEGIN; CREATE TABLE paused_t (x int)")
         .await
         .unwrap();
-    console.simple_query("PAUSE app").await.unwrap();
+    console_psql(&proxy, "PAUSE app");
     tx.batch_execute("INSERT INTO paused_t VALUES (1); COMMIT")
         .await
         .expect("a transaction open at PAUSE finishes");
@@ -211,7 +211,7 @@ async fn kill_ends_a_databases_sessions_closes_its_servers_and_holds_it_until_re
     let e = console.simple_query("PAUSE nosuch").await.unwrap_err();
     assert_eq!(code(&e).as_deref(), Some("3D000"));
     // RESUME without a name ends every pause.
-    console.simple_query("RESUME").await.unwrap();
+    console_psql(&proxy, "RESUME");
     let n = tokio::time::timeout(Duration::from_secs(10), held)
         .await
         .expect("RESUME lets it in")
@@ -220,6 +220,19 @@ async fn kill_ends_a_databases_sessions_closes_its_servers_and_holds_it_until_re
     assert_eq!(n, 1);
     drop((in_tx, idle, bystander, tx, console));
     proxy.shutdown().await;
+}
+
+/// One console command through psql, as an operator types it; its tag is the command's.
+fn console_psql(proxy: &TestProxy, cmd: &str) {
+    let out = proxy.psql(&["-d", "pgbouncer", "-c", cmd]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{cmd}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let tag = cmd.split_whitespace().next().unwrap_or_default();
+    assert_eq!(text.trim(), tag, "{cmd}");
 }
 
 fn write(dir: &std::path::Path, text: &str) -> std::path::PathBuf {
