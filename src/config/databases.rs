@@ -87,7 +87,7 @@ pub fn validate(
             check(kind, name, d)?;
         }
     }
-    for name in users.keys().filter(|n| users[*n].dbname.is_some()) {
+    if let Some(name) = users.iter().find_map(|(n, u)| u.dbname.as_ref().map(|_| n)) {
         bail!("[users.{name}] dbname: only a [databases] entry can alias a database");
     }
     for name in dbs.keys() {
