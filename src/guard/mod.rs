@@ -51,6 +51,14 @@
 //! only to waiters held back by the database itself (all slots, or all of the pool's
 //! connections, running queries). See docs/DESIGN.md, "Slots and connections".
 //!
+//! A pool may have bounds of its own (`[databases.NAME]` / `[users.NAME]`, told to the core
+//! by `register_pool` and re-read on reload): a cap on its running queries under the
+//! upstream's limit (a query then needs a free slot of both; a waiter held back by its pool's
+//! cap counts as held back by the database), a bound on its waiting queries next to
+//! `max_queue`, and a queue timeout instead of `queue_timeout`. A database can be paused on
+//! its own (`PAUSE db`, `KILL db`) with the same rules as a pause of everything; pools of
+//! that database made later start paused.
+//!
 //! A waiter whose client goes away leaves the queue at once; if a slot was granted to it in
 //! that instant, the slot is released and handed on. A circuit breaker stops all of this
 //! while the upstream is failing: after `failure_threshold` consecutive failures every
