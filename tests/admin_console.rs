@@ -400,7 +400,8 @@ async fn show_commands_report_the_load_that_ran() {
     );
     console.simple_query("RESUME").await.unwrap();
     b.batch_execute("SELECT 4").await.unwrap();
-    console.simple_query("RELOAD").await.unwrap();
+    // RELOAD as an operator types it (psql prints the command's tag).
+    psql(port, "pgbouncer", "postgres", "RELOAD").unwrap();
 
     drop((a, b, c, d, console));
     proxy.shutdown().await;
@@ -503,7 +504,7 @@ async fn set_changes_settings_until_restart() {
     let console = connect(&proxy.url_for("postgres", "pgbouncer")).await;
     let code = |e: tokio_postgres::Error| e.as_db_error().map(|d| d.code().code().to_string());
 
-    console.simple_query("SET max_active = 2").await.unwrap();
+    psql(port, "pgbouncer", "postgres", "SET max_active = 2").unwrap();
     assert_eq!(config_value(port, "max_active"), "2");
     assert_eq!(num(&show(port, "GUARD").rows[0], "limit"), 2);
     // PgBouncer's name and a quoted value.
@@ -530,7 +531,8 @@ async fn set_changes_settings_until_restart() {
     assert_eq!(config_value(port, "max_active"), "2");
     assert_eq!(config_value(port, "queue_timeout"), "3s");
 
-    console.simple_query("RELOAD").await.unwrap();
+    // RELOAD as an operator types it (psql prints the command's tag).
+    psql(port, "pgbouncer", "postgres", "RELOAD").unwrap();
     assert_eq!(config_value(port, "max_active"), "2", "SET survives RELOAD");
     assert_eq!(num(&show(port, "GUARD").rows[0], "limit"), 2);
 
