@@ -55,7 +55,7 @@ impl ClientStream {
     /// Reads without waiting; `WouldBlock` when nothing is available.
     pub fn try_read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         match self {
-            ClientStream::Plain(s) => s.try_read(buf),
+            ClientStream::Plain(s) => read_plain(s, buf),
             ClientStream::Tls(t) => try_read_tls(Pin::new(&mut **t), buf),
         }
     }
@@ -79,6 +79,48 @@ fn try_read_tls<S: AsyncRead>(s: Pin<&mut S>, buf: &mut [u8]) -> io::Result<usiz
         Poll::Ready(Ok(())) => Ok(rb.filled().len()),
         Poll::Ready(Err(e)) => Err(e),
         Poll::Pending => Err(io::ErrorKind::WouldBlock.into()),
+    }
+}
+
+/// Reads what the socket has without waiting. A read that leaves room in `buf` took all
+/// the kernel had, so the reactor's readiness is cleared with it: the next read waits for
+/// the next readiness event instead of making a `recv` that returns `EAGAIN` (two such per
+/// query otherwise, one per direction). The clear is tick-checked by tokio: bytes that
+/// arrive after this read bring a new readiness event that the clear does not erase.
+fn read_plain(s: &TcpStream, buf: &mut [u8]) -> io::Result<usize> {
+    let mut short = None;
+    let r = s.try_io(tokio::io::Interest::READABLE, || {
+        let n = io::Read::read(&mut &*socket2::SockRef::from(s), buf)?;
+        if n > 0 && n < buf.len() {
+            short = Some(n);
+            // Reported as WouldBlock so that tokio clears the readiness just consumed.
+            return Err(io::ErrorKind::WouldBlock.into());
+        }
+        Ok(n)
+    });
+    match short {
+        Some(n) => Ok(n),
+        None => r,
+    }
+}
+
+/// `poll_read` of a plain socket with [`read_plain`]'s readiness rule.
+fn poll_read_plain(
+    s: &TcpStream,
+    cx: &mut Context<'_>,
+    buf: &mut ReadBuf<'_>,
+) -> Poll<io::Result<()>> {
+    loop {
+        std::task::ready!(s.poll_read_ready(cx))?;
+        match read_plain(s, buf.initialize_unfilled()) {
+            Ok(n) => {
+                buf.advance(n);
+                return Poll::Ready(Ok(()));
+            }
+            // Readiness was stale and is now cleared: the next poll registers the waker.
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+            Err(e) => return Poll::Ready(Err(e)),
+        }
     }
 }
 
@@ -119,7 +161,7 @@ impl ServerStream {
     /// makes no system call unless the reactor has seen the socket readable.
     pub fn try_read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         match self {
-            ServerStream::Plain(s) => s.try_read(buf),
+            ServerStream::Plain(s) => read_plain(s, buf),
             ServerStream::Tls(t) => try_read_tls(Pin::new(&mut **t), buf),
         }
     }
@@ -134,7 +176,7 @@ macro_rules! delegate_io {
                 buf: &mut ReadBuf<'_>,
             ) -> Poll<io::Result<()>> {
                 match self.get_mut() {
-                    $ty::Plain(s) => Pin::new(s).poll_read(cx, buf),
+                    $ty::Plain(s) => poll_read_plain(s, cx, buf),
                     $ty::Tls(t) => Pin::new(&mut **t).poll_read(cx, buf),
                 }
             }
