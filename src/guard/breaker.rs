@@ -88,6 +88,11 @@ impl Breaker {
 
     /// Closes the circuit unless it is still cooling down: a query that started before
     /// the opening and ends well proves little; the probe decides.
+    /// Closed with no failure counted: a success changes nothing.
+    pub(crate) fn is_clean(&self) -> bool {
+        matches!(self.state, State::Closed { failures: 0 })
+    }
+
     pub(crate) fn record_success(&mut self, now: Instant) {
         if let State::Open { until } = self.state {
             if now < until {

@@ -361,6 +361,11 @@ impl<T> Core<T> {
         }
     }
 
+    /// The breaker is closed with no failure counted (see `Guard::record_success`).
+    pub(crate) fn breaker_clean(&self) -> bool {
+        self.breaker.is_clean()
+    }
+
     pub(crate) fn record_success(&mut self, now: Instant) {
         self.breaker.record_success(now);
         self.sync_circuit_gauge(now);

@@ -92,6 +92,7 @@ mod tests_pools;
 #[cfg(test)]
 mod tests_prop;
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
@@ -115,6 +116,10 @@ fn now() -> Instant {
 pub struct Guard {
     core: Mutex<Core<Reply>>,
     me: Weak<Guard>,
+    /// The breaker is closed with no failure counted, so a success changes nothing: the
+    /// common case skips the lock (a success is reported after every query). Written only
+    /// under the lock.
+    clean: AtomicBool,
 }
 
 impl Guard {
@@ -123,6 +128,7 @@ impl Guard {
         Arc::new_cyclic(|me| Guard {
             core: Mutex::new(core),
             me: me.clone(),
+            clean: AtomicBool::new(true),
         })
     }
 
@@ -219,7 +225,12 @@ impl Guard {
 
     /// The upstream answered (connect or query): closes a half-open circuit.
     pub fn record_success(&self) {
-        self.core.lock().record_success(now());
+        if self.clean.load(Ordering::Acquire) {
+            return;
+        }
+        let mut core = self.core.lock();
+        core.record_success(now());
+        self.clean.store(core.breaker_clean(), Ordering::Release);
     }
 
     /// Work was wasted outside the queue: a client left, or hit its timeout, with its
@@ -231,7 +242,11 @@ impl Guard {
     /// The upstream failed (connect failure, lost connection, timeout).
     pub fn record_failure(&self) {
         let mut out = Vec::new();
-        self.core.lock().record_failure(now(), &mut out);
+        {
+            let mut core = self.core.lock();
+            core.record_failure(now(), &mut out);
+            self.clean.store(core.breaker_clean(), Ordering::Release);
+        }
         self.deliver(out);
     }
 
