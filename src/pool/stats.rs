@@ -5,7 +5,7 @@
 use parking_lot::Mutex;
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI32, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -225,28 +225,42 @@ pub struct ServerInfo {
 /// The open server connections of one pool, by connection id.
 #[derive(Default)]
 pub struct ServerList {
-    servers: Mutex<BTreeMap<u64, ServerInfo>>,
+    servers: Mutex<BTreeMap<u64, Listed>>,
+}
+
+struct Listed {
+    info: ServerInfo,
+    /// The linked client's pid, 0 for none (proxy-issued pids are positive). Shared with the
+    /// ticket, so linking on every checkout and return takes no lock.
+    link: Arc<AtomicI32>,
 }
 
 impl ServerList {
     /// Lists `info` until the returned ticket drops (with its connection).
     pub fn open(self: &Arc<Self>, id: u64, info: ServerInfo) -> ServerTicket {
-        self.servers.lock().insert(id, info);
+        let link = Arc::new(AtomicI32::new(info.link.unwrap_or(0)));
+        let listed = Listed {
+            info,
+            link: link.clone(),
+        };
+        self.servers.lock().insert(id, listed);
         ServerTicket {
             list: self.clone(),
             id,
-        }
-    }
-
-    /// Records which client holds connection `id` (`None`: back in the pool).
-    pub fn link(&self, id: u64, client: Option<i32>) {
-        if let Some(s) = self.servers.lock().get_mut(&id) {
-            s.link = client;
+            link,
         }
     }
 
     pub fn all(&self) -> Vec<ServerInfo> {
-        self.servers.lock().values().cloned().collect()
+        let servers = self.servers.lock();
+        servers
+            .values()
+            .map(|l| {
+                let mut info = l.info.clone();
+                info.link = Some(l.link.load(Ordering::Relaxed)).filter(|&p| p != 0);
+                info
+            })
+            .collect()
     }
 
     pub fn len(&self) -> usize {
@@ -262,12 +276,13 @@ impl ServerList {
 pub struct ServerTicket {
     list: Arc<ServerList>,
     id: u64,
+    link: Arc<AtomicI32>,
 }
 
 impl ServerTicket {
     /// Records which client holds the connection (`None`: back in the pool).
     pub fn link(&self, client: Option<i32>) {
-        self.list.link(self.id, client);
+        self.link.store(client.unwrap_or(0), Ordering::Relaxed);
     }
 }
 
