@@ -19,6 +19,8 @@ use crate::metrics as names;
 mod adaptive;
 mod codel;
 mod grant;
+mod outcome;
+mod pause;
 mod view;
 
 use grant::nanos;
@@ -396,72 +398,6 @@ impl<T> Core<T> {
         self.paused = true;
     }
 
-    /// Pauses the pools of one database (present and future); the rest run on.
-    pub(crate) fn pause_database(&mut self, database: &str) {
-        self.paused_dbs.insert(database.to_string());
-        for p in self.pools.values_mut() {
-            if p.names.as_ref().is_some_and(|(d, _)| d == database) {
-                p.paused = true;
-            }
-        }
-    }
-
-    pub(crate) fn is_database_paused(&self, database: &str) -> bool {
-        self.paused_dbs.contains(database)
-    }
-
-    /// Databases paused on their own, sorted.
-    pub(crate) fn paused_databases(&self) -> Vec<String> {
-        let mut v: Vec<String> = self.paused_dbs.iter().cloned().collect();
-        v.sort();
-        v
-    }
-
-    /// Resumes one database, or (None) everything: the whole proxy and every database.
-    pub(crate) fn resume_database(
-        &mut self,
-        database: Option<&str>,
-        now: Instant,
-        out: &mut Vec<Completion<T>>,
-    ) {
-        match database {
-            Some(db) => {
-                self.paused_dbs.remove(db);
-            }
-            None => self.paused_dbs.clear(),
-        }
-        for p in self.pools.values_mut() {
-            p.paused = p
-                .names
-                .as_ref()
-                .is_some_and(|(d, _)| self.paused_dbs.contains(d));
-        }
-        if database.is_none() {
-            self.paused = false;
-        }
-        // Time spent paused is not a standing queue.
-        self.nonempty_since = (self.normal_queued > 0).then_some(now);
-        self.dispatch(now, out);
-    }
-
-    /// Tells the core which database and user a pool label stands for, so that the pool
-    /// gets its own bounds and its database's pause.
-    pub(crate) fn register_pool(&mut self, label: &Arc<str>, database: &str, user: &str) {
-        let limit = self.limit;
-        let limits = self.cfg.pools.resolve(database, user);
-        let paused = self.paused_dbs.contains(database);
-        let p = pool_entry(&mut self.pools, label, limit);
-        p.names = Some((database.to_string(), user.to_string()));
-        p.limits = limits;
-        p.paused = paused;
-        p.m.limit.set(p.limit(limit) as f64);
-    }
-
-    #[cfg(test)]
-    pub(crate) fn pool_limits(&self, pool: &str) -> super::config::PoolLimits {
-        self.pools.get(pool).map(|p| p.limits).unwrap_or_default()
-    }
-
     pub(crate) fn resume(&mut self, now: Instant, out: &mut Vec<Completion<T>>) {
         if !self.paused {
             return;
@@ -594,114 +530,5 @@ impl<T> Core<T> {
             }
         }
         Some(w)
-    }
-
-    fn grant_counts(
-        &mut self,
-        req: &AdmitRequest,
-        waited: Duration,
-        probe: bool,
-        now: Instant,
-    ) -> Grant {
-        let g = self.grant(&req.pool, &req.identity, waited, probe, req.slot, req.lease);
-        if req.slot {
-            self.track_running(now);
-        }
-        g
-    }
-
-    fn grant_waiter(&mut self, w: &Waiter<T>, waited: Duration, now: Instant) -> Grant {
-        let g = self.grant(&w.pool, &w.identity, waited, w.probe, w.slot, w.lease);
-        if w.slot {
-            self.track_running(now);
-        }
-        g
-    }
-
-    fn grant(
-        &mut self,
-        pool: &Arc<str>,
-        identity: &Arc<str>,
-        waited: Duration,
-        probe: bool,
-        slot: bool,
-        lease: bool,
-    ) -> Grant {
-        let p = pool_entry(&mut self.pools, pool, self.limit);
-        p.m.wait.record(waited.as_secs_f64());
-        if lease {
-            p.leased += 1;
-        }
-        if slot {
-            p.active += 1;
-            p.m.active.set(p.active as f64);
-            self.active += 1;
-            let share = p.limits.share;
-            let i = ident_entry(&mut self.idents, identity, &self.cfg, pool, share);
-            i.active += 1;
-            i.admitted_total += 1;
-        }
-        Grant {
-            pool: pool.clone(),
-            identity: identity.clone(),
-            waited_ns: nanos(waited),
-            running_ns: 0,
-            probe,
-            slot,
-            lease,
-        }
-    }
-
-    fn shed_waiter(
-        &mut self,
-        id: u64,
-        reason: ShedReason,
-        now: Instant,
-        out: &mut Vec<Completion<T>>,
-    ) {
-        if let Some(w) = self.remove_waiter(id) {
-            if w.probe {
-                self.breaker.probe_abandoned();
-            }
-            if matches!(
-                reason,
-                ShedReason::QueueTimeout | ShedReason::StatementTimeout
-            ) {
-                // The client waited its whole bound for nothing.
-                self.record_waste(now);
-            }
-            let waited = now.saturating_duration_since(w.enqueued);
-            let shed = self.count_shed(&w.pool, &w.identity, reason, waited);
-            out.push(Completion {
-                id,
-                payload: w.payload,
-                outcome: Err(shed),
-            });
-        }
-    }
-
-    fn shed_arrival(&mut self, req: &AdmitRequest, reason: ShedReason) -> Shed {
-        self.count_shed(&req.pool, &req.identity, reason, Duration::ZERO)
-    }
-
-    fn count_shed(
-        &mut self,
-        pool: &Arc<str>,
-        identity: &Arc<str>,
-        reason: ShedReason,
-        waited: Duration,
-    ) -> Shed {
-        let p = pool_entry(&mut self.pools, pool, self.limit);
-        p.m.shed[reason.index()].increment(1);
-        p.m.wait.record(waited.as_secs_f64());
-        let share = p.limits.share;
-        ident_entry(&mut self.idents, identity, &self.cfg, pool, share).shed_total += 1;
-        Shed {
-            reason,
-            waited,
-            active: self.active,
-            limit: self.limit,
-            queued: self.waiters.len(),
-        }
     }
 }

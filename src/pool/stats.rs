@@ -246,7 +246,6 @@ impl ServerList {
         self.servers.lock().insert(id, listed);
         ServerTicket {
             list: self.clone(),
-            id,
             link,
         }
     }
@@ -273,9 +272,11 @@ impl ServerList {
 }
 
 /// Removes its connection from the list when the connection is dropped.
+/// Two pointers, as small as before the link moved into it: every session's future holds
+/// one inside its server connection.
 pub struct ServerTicket {
     list: Arc<ServerList>,
-    id: u64,
+    /// Also what identifies its entry when it drops (rare: the connection closes).
     link: Arc<AtomicI32>,
 }
 
@@ -288,7 +289,10 @@ impl ServerTicket {
 
 impl Drop for ServerTicket {
     fn drop(&mut self) {
-        self.list.servers.lock().remove(&self.id);
+        self.list
+            .servers
+            .lock()
+            .retain(|_, l| !Arc::ptr_eq(&l.link, &self.link));
     }
 }
 
@@ -359,8 +363,11 @@ mod tests {
             link: None,
         };
         let a = l.open(1, info.clone());
-        l.link(1, Some(9));
+        a.link(Some(9));
         assert_eq!(l.all()[0].link, Some(9));
+        a.link(None);
+        assert_eq!(l.all()[0].link, None);
+        a.link(Some(9));
         let b = l.open(2, info);
         assert_eq!(l.len(), 2);
         drop(a);
