@@ -1,7 +1,7 @@
 //! Connects the admin HTTP API to the running proxy.
 
 use crate::admin::{AdminBackend, AdminConfig};
-use crate::server::Shared;
+use crate::state::Shared;
 use metrics_exporter_prometheus::PrometheusHandle;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;

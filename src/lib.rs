@@ -31,6 +31,8 @@ pub mod run;
 pub mod server;
 #[cfg(feature = "server")]
 pub mod session;
+#[cfg(feature = "server")]
+pub mod state;
 pub mod tls;
 #[cfg(feature = "server")]
 pub mod top;

@@ -6,7 +6,7 @@ use crate::cancel::CancelEntry;
 use crate::config::PoolMode;
 use crate::pool::stats::Totals;
 use crate::pool::PoolEntry;
-use crate::server::Shared;
+use crate::state::Shared;
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::sync::Arc;

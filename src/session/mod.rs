@@ -17,7 +17,7 @@ use crate::config::{Config, PoolMode};
 use crate::guard::{AdmitRequest, Lease, Permit, Shed};
 use crate::pool::{PoolEntry, PoolError};
 use crate::protocol::{self, Severity};
-use crate::server::Shared;
+use crate::state::Shared;
 use crate::tls::ClientStream;
 use bytes::BytesMut;
 use relay::{RelayEvent, RelayState};
