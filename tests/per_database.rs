@@ -379,3 +379,57 @@ fn bad_entries_stop_the_start_with_their_name() {
         assert!(err.contains(want), "{text}: {err}");
     }
 }
+
+/// Session mode: each client holds its server for life, so KILL must close those servers
+/// rather than hand them (with their session state) to the next client.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_in_session_mode_closes_the_servers_clients_held() {
+    let pg = common::cluster().await;
+    let direct = pg.client().await;
+    let proxy = TestProxy::start(&pg, &["--pool-mode", "session", "--pool-size", "2"]).await;
+    let console = connect(&proxy.url_for("postgres", "pgsluice")).await;
+    let a = connect(&proxy.url()).await;
+    a.batch_execute("SET application_name = 'held'; CREATE TEMP TABLE mine (x int)")
+        .await
+        .unwrap();
+    let pid: i32 = a
+        .query_one("SELECT pg_backend_pid()", &[])
+        .await
+        .unwrap()
+        .get(0);
+    console_psql(&proxy, "KILL postgres");
+    let e = a.simple_query("SELECT 1").await.unwrap_err();
+    assert!(
+        a.is_closed() || code(&e).as_deref() == Some("57P01"),
+        "{e:?}"
+    );
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            direct
+                .query_one(
+                    "SELECT count(*) FROM pg_stat_activity WHERE pid = $1",
+                    &[&pid],
+                )
+                .await
+                .unwrap()
+                .get::<_, i64>(0)
+                == 0
+        })
+        .await,
+        "the killed client's backend is gone"
+    );
+    console_psql(&proxy, "RESUME");
+    let b = connect(&proxy.url()).await;
+    let row = b
+        .query_one(
+            "SELECT pg_backend_pid(), current_setting('application_name'), to_regclass('pg_temp.mine') IS NULL",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_ne!(row.get::<_, i32>(0), pid);
+    assert_ne!(row.get::<_, String>(1), "held");
+    assert!(row.get::<_, bool>(2), "no temp table of the killed session");
+    drop((a, b, console));
+    proxy.shutdown().await;
+}
