@@ -254,6 +254,7 @@ async fn database_and_user_entries_set_their_pools_mode_size_and_bounds() {
     let text = "pool-size = 4\nqueue-timeout = \"20s\"\n\
         [databases.app]\nmax-active = 1\nqueue_timeout = \"300ms\"\n\
         [databases.sess]\ndbname = \"postgres\"\npool-mode = \"session\"\n\
+        [databases.spare]\ndbname = \"postgres\"\npool-size = 3\n\
         [users.batch]\npool-size = 1\nmax-active = \"auto\"\nmax-queue = 0\n";
     let file = write(dir.path(), text);
     let proxy = TestProxy::start(&pg, &["--config", file.to_str().unwrap()]).await;
@@ -330,6 +331,14 @@ async fn database_and_user_entries_set_their_pools_mode_size_and_bounds() {
         dbs.iter().find(|r| r["name"] == "sess").unwrap()["pool_mode"],
         "session"
     );
+    // A configured name nobody used yet is listed too, with its settings.
+    let unused = dbs
+        .iter()
+        .find(|r| r["name"] == "spare")
+        .expect("configured, unused");
+    assert_eq!(unused["database"], "postgres");
+    assert_eq!(unused["pool_size"], "3");
+    assert_eq!(unused["current_connections"], "0");
 
     // Reload: bounds change at once; a pool mode needs a restart and stays.
     write(

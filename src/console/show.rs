@@ -452,6 +452,13 @@ pub fn databases(shared: &Shared) -> ResultSet {
         e.2 += p.pool.state().connections as usize;
         e.3 += clients.get(&p.label).map_or(0, Vec::len);
     }
+    // Configured names without a pool yet are listed too, as PgBouncer lists its [databases].
+    for (name, d) in &cfg.databases {
+        dbs.entry(name.clone()).or_insert_with(|| {
+            let upstream = d.dbname.clone().unwrap_or_else(|| name.clone());
+            (upstream, d.pool_size.unwrap_or(cfg.pool_size), 0, 0)
+        });
+    }
     for (db, (upstream_db, pool_size, servers, clients)) in dbs {
         let own = cfg.databases.get(&db);
         let mode = own.and_then(|d| d.pool_mode).unwrap_or(cfg.pool_mode);
