@@ -130,10 +130,6 @@ impl CancelEntry {
         }
     }
 
-    pub fn is_killed(&self) -> bool {
-        self.killed.load(Ordering::Acquire)
-    }
-
     /// Marks the client as queued from now (`true`) or no longer queued.
     pub fn set_queued(&self, queued: bool) {
         let at = if queued {

@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 mod databases;
-pub use databases::{resolve as resolve_pool_settings, DatabaseSettings, PoolOverrides};
+pub use databases::{resolve as resolve_pool_settings, DatabaseSettings};
 
 #[derive(Parser, Debug, Clone)]
 #[command(
@@ -660,11 +660,6 @@ pub fn parse_file_flags(text: &str) -> Result<Flags, String> {
 }
 
 impl Config {
-    /// The settings of pool (database, user) from `[users.USER]`, else `[databases.DB]`.
-    pub fn pool_overrides(&self, database: &str, user: &str) -> PoolOverrides {
-        resolve_pool_settings(&self.databases, &self.user_settings, database, user)
-    }
-
     /// Builds a configuration from a TOML file's text alone (no flags, no environment).
     pub fn from_toml_str(text: &str) -> Result<Config> {
         let file = parse_file_flags(text).map_err(|e| anyhow!("config: {e}"))?;

@@ -367,6 +367,10 @@ fn bad_entries_stop_the_start_with_their_name() {
     for (text, want) in [
         ("[users.u]\ndbname = \"x\"\n", "[users.u] dbname"),
         (
+            "[databases.app]\npool-size = 0\n",
+            "[databases.app] pool-size 0",
+        ),
+        (
             "[databases.a]\nmax-active = 0\n",
             "[databases.a] max-active 0",
         ),

@@ -479,8 +479,7 @@ impl<T> Core<T> {
         };
         let p = self.pools.get(&*w.pool);
         // Statements of open transactions pass a pause, so that they can finish.
-        let paused = !w.in_tx && (self.paused || p.is_some_and(|p| p.paused));
-        !paused
+        (w.in_tx || !self.waiter_paused(w))
             && (!w.slot || (self.active < self.limit && p.map_or(true, Pool::slot_free)))
             && (!w.lease || p.map_or(true, Pool::lease_free))
     }

@@ -156,7 +156,7 @@ fn pausing_a_database_holds_its_pools_and_lets_open_transactions_finish() {
     register(&mut s, "other/u", "other", "u");
     s.core.pause_database("app");
     s.must_queue(on("app/u", "a", 1), 1);
-    s.must_grant(on("other/u", "o", 2));
+    let other = s.must_grant(on("other/u", "o", 2));
     let mut tx = on("app/u", "a", 3);
     tx.in_transaction = true;
     s.must_grant(tx);
@@ -169,6 +169,8 @@ fn pausing_a_database_holds_its_pools_and_lets_open_transactions_finish() {
     login.lease = true;
     login.capacity = 4;
     s.must_queue(login, 5);
+    // A freed slot is not handed to the paused database's waiters.
+    s.release(&other);
     assert!(s.drain().is_empty());
     assert_eq!(s.core.paused_databases(), vec!["app".to_string()]);
     s.core.resume_database(Some("app"), s.now, &mut s.out);

@@ -285,7 +285,9 @@ pub struct PoolEntry {
 
 impl PoolEntry {
     /// Closes the pool's idle server connections now (`KILL db`); connections held by
-    /// sessions close with them.
+    /// sessions close with them. It takes them from bb8 without a guard lease: the
+    /// database is paused by then, so no lease is granted meanwhile, and a session given
+    /// one just before still finds room, since each connection taken here is dropped at once.
     pub async fn close_idle(&self) -> usize {
         let mut closed = 0;
         // Bounded: a connection taken here is gone for good, so the count only falls.

@@ -84,9 +84,10 @@ fn try_read_tls<S: AsyncRead>(s: Pin<&mut S>, buf: &mut [u8]) -> io::Result<usiz
 
 /// Reads what the socket has without waiting. A read that leaves room in `buf` took all
 /// the kernel had, so the reactor's readiness is cleared with it: the next read waits for
-/// the next readiness event instead of making a `recv` that returns `EAGAIN` (two such per
-/// query otherwise, one per direction). The clear is tick-checked by tokio: bytes that
-/// arrive after this read bring a new readiness event that the clear does not erase.
+/// the next readiness event instead of making a `recv` that returns `EAGAIN` (one per
+/// transaction otherwise, as measured in BENCHMARKS 7). The clear is tick-checked by tokio:
+/// bytes that arrive after this read bring a new readiness event that the clear does not
+/// erase.
 fn read_plain(s: &TcpStream, buf: &mut [u8]) -> io::Result<usize> {
     let mut short = None;
     let r = s.try_io(tokio::io::Interest::READABLE, || {
