@@ -171,6 +171,10 @@ pub struct Flags {
     #[arg(long, env = "PGSLUICE_CONFIG")]
     #[serde(skip)]
     pub config: Option<PathBuf>,
+    /// Worker threads: 1 runs every session on one thread (no cross-thread wake-ups, the
+    /// sidecar case; the default), 0 one per core (needs a restart).
+    #[arg(long, env = "PGSLUICE_THREADS")]
+    pub threads: Option<usize>,
     /// Log output format.
     #[arg(long, env = "PGSLUICE_LOG_FORMAT")]
     pub log_format: Option<LogFormat>,
@@ -373,6 +377,8 @@ pub struct Config {
     pub auth: AuthMethod,
     pub users: Option<PathBuf>,
     pub log_format: LogFormat,
+    /// Runtime worker threads (0 = one per core); read once at start.
+    pub threads: usize,
     pub max_client_conn: usize,
     pub idle_in_transaction_timeout: Option<Duration>,
     pub cancel_grace: Duration,
@@ -561,6 +567,7 @@ impl Config {
             auth,
             users,
             log_format: pick!(log_format).unwrap_or(LogFormat::Text),
+            threads: pick!(threads).unwrap_or(1),
             max_client_conn: pick!(max_client_conn).unwrap_or(10_000),
             idle_in_transaction_timeout: opt(dur(
                 "idle-in-transaction-timeout",

@@ -19,36 +19,61 @@ fn init_tracing(format: LogFormat) {
     }
 }
 
+/// One thread: a current-thread runtime, so a client's and its server's socket events are
+/// handled without crossing threads. Otherwise a worker pool (0 = one per core).
+fn runtime(threads: usize) -> std::io::Result<tokio::runtime::Runtime> {
+    if threads == 1 {
+        return tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build();
+    }
+    let mut b = tokio::runtime::Builder::new_multi_thread();
+    if threads > 1 {
+        b.worker_threads(threads);
+    }
+    b.enable_all().build()
+}
+
+fn start(threads: usize) -> Result<tokio::runtime::Runtime, ExitCode> {
+    runtime(threads).map_err(|e| {
+        eprintln!("pgsluice: cannot start runtime: {e}");
+        ExitCode::FAILURE
+    })
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let rt = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("pgsluice: cannot start runtime: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
     let result = match cli.command {
-        Some(Command::Demo { port }) => {
-            init_tracing(LogFormat::Text);
-            rt.block_on(pgsluice::demo::run(port, cli.flags))
-        }
-        Some(Command::HashPassword) => pgsluice::demo::hash_password(),
-        Some(Command::Top {
-            admin,
-            interval,
-            once,
-        }) => rt.block_on(pgsluice::top::run(admin, interval, once)),
+        // The proxy's configuration is read before the runtime exists: it says how many threads.
         None => match Config::from_flags(cli.flags) {
-            Ok(cfg) => {
-                init_tracing(cfg.log_format);
-                rt.block_on(pgsluice::run::run_until_signal(cfg))
-            }
+            Ok(cfg) => match start(cfg.threads) {
+                Ok(rt) => {
+                    init_tracing(cfg.log_format);
+                    rt.block_on(pgsluice::run::run_until_signal(cfg))
+                }
+                Err(code) => return code,
+            },
             Err(e) => Err(e),
         },
+        Some(Command::HashPassword) => pgsluice::demo::hash_password(),
+        Some(command) => {
+            let rt = match start(0) {
+                Ok(rt) => rt,
+                Err(code) => return code,
+            };
+            match command {
+                Command::Demo { port } => {
+                    init_tracing(LogFormat::Text);
+                    rt.block_on(pgsluice::demo::run(port, cli.flags))
+                }
+                Command::Top {
+                    admin,
+                    interval,
+                    once,
+                } => rt.block_on(pgsluice::top::run(admin, interval, once)),
+                Command::HashPassword => pgsluice::demo::hash_password(),
+            }
+        }
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

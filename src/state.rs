@@ -207,6 +207,10 @@ impl Shared {
         }
         // Sessions pick up a new configuration between queries: a mode switch would turn
         // a session-mode client's server (with its session state) into a shared one.
+        if new.threads != old.threads {
+            warn!("threads changes need a restart; keeping the old value");
+            new.threads = old.threads;
+        }
         if new.pool_mode != old.pool_mode {
             warn!("pool-mode changes need a restart; keeping the old value");
             new.pool_mode = old.pool_mode;

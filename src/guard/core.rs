@@ -1,7 +1,8 @@
 //! The admission state machine: pure, clock passed in, no I/O. See the module doc of
 //! `guard` for the queue discipline.
 
-use std::collections::{HashMap, VecDeque};
+use super::Map;
+use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -75,16 +76,16 @@ struct Waiter<T> {
 pub(crate) struct Core<T> {
     cfg: GuardConfig,
     active: usize,
-    waiters: HashMap<u64, Waiter<T>>,
+    waiters: Map<u64, Waiter<T>>,
     next_id: u64,
     tx_queue: VecDeque<u64>,
     /// Waiters for a server connection only (a login), FIFO, served before new queries.
     conn_queue: VecDeque<u64>,
     normal_queued: usize,
-    idents: HashMap<Arc<str>, Ident>,
+    idents: Map<Arc<str>, Ident>,
     /// Identities with at least one non-transaction waiter.
     backlogged: Vec<Arc<str>>,
-    pools: HashMap<Arc<str>, Pool>,
+    pools: Map<Arc<str>, Pool>,
     /// Since when the non-transaction queue has been continuously non-empty.
     nonempty_since: Option<Instant>,
     cohorts: Cohorts,
@@ -117,14 +118,14 @@ impl<T> Core<T> {
             breaker: Breaker::new(cfg.breaker.clone()),
             cfg,
             active: 0,
-            waiters: HashMap::new(),
+            waiters: Map::default(),
             next_id: 0,
             tx_queue: VecDeque::new(),
             conn_queue: VecDeque::new(),
             normal_queued: 0,
-            idents: HashMap::new(),
+            idents: Map::default(),
             backlogged: Vec::new(),
-            pools: HashMap::new(),
+            pools: Map::default(),
             nonempty_since: None,
             paused: false,
             paused_dbs: Default::default(),

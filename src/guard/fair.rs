@@ -1,6 +1,7 @@
 //! Weighted fair sharing of slots between client identities.
 
-use std::collections::{HashMap, VecDeque};
+use super::Map;
+use std::collections::VecDeque;
 use std::sync::Arc;
 
 use super::config::GuardConfig;
@@ -22,7 +23,7 @@ pub(crate) struct Ident {
 }
 
 pub(crate) fn ident_entry<'a>(
-    idents: &'a mut HashMap<Arc<str>, Ident>,
+    idents: &'a mut Map<Arc<str>, Ident>,
     name: &Arc<str>,
     cfg: &GuardConfig,
     pool: &Arc<str>,
@@ -58,7 +59,7 @@ pub(crate) fn ident_entry<'a>(
 /// newest when `lifo`.
 pub(crate) fn pick(
     backlogged: &[Arc<str>],
-    idents: &HashMap<Arc<str>, Ident>,
+    idents: &Map<Arc<str>, Ident>,
     lifo: bool,
     eligible: impl Fn(u64) -> bool,
 ) -> Option<u64> {

@@ -1,6 +1,6 @@
 //! Per-pool counters and their metric handles.
 
-use std::collections::HashMap;
+use super::Map;
 use std::sync::Arc;
 
 use metrics::{Counter, Gauge, Histogram};
@@ -68,7 +68,7 @@ impl Pool {
 }
 
 pub(crate) fn pool_entry<'a>(
-    pools: &'a mut HashMap<Arc<str>, Pool>,
+    pools: &'a mut Map<Arc<str>, Pool>,
     name: &Arc<str>,
     limit: usize,
 ) -> &'a mut Pool {
