@@ -172,7 +172,7 @@ pub struct Flags {
     #[serde(skip)]
     pub config: Option<PathBuf>,
     /// Worker threads: 1 runs every session on one thread (no cross-thread wake-ups, the
-    /// sidecar case; the default), 0 one per core (needs a restart).
+    /// sidecar case), 0 one per core (the default; needs a restart).
     #[arg(long, env = "PGSLUICE_THREADS")]
     pub threads: Option<usize>,
     /// Log output format.
@@ -567,7 +567,7 @@ impl Config {
             auth,
             users,
             log_format: pick!(log_format).unwrap_or(LogFormat::Text),
-            threads: pick!(threads).unwrap_or(1),
+            threads: pick!(threads).unwrap_or(0),
             max_client_conn: pick!(max_client_conn).unwrap_or(10_000),
             idle_in_transaction_timeout: opt(dur(
                 "idle-in-transaction-timeout",

@@ -43,4 +43,5 @@ config_tests!(
     txn_faults_terminate,
     txn_faults_restart,
     session_faults,
+    txn_one_thread,
 );

@@ -608,7 +608,7 @@ pub fn config(shared: &Shared) -> ResultSet {
             "off",
         ),
         ("max_client_conn", cfg.max_client_conn.to_string(), "10000"),
-        ("threads", cfg.threads.to_string(), "1"),
+        ("threads", cfg.threads.to_string(), "0"),
         ("server_lifetime", d(cfg.server_lifetime), "1h"),
         ("server_idle_timeout", d(cfg.server_idle_timeout), "10m"),
         ("connect_timeout", d(Some(cfg.connect_timeout)), "5s"),

@@ -473,15 +473,20 @@ impl<T> Core<T> {
         }
     }
 
-    /// Whether a waiter's resources are free now (its slot, its pool's connection).
+    /// Whether a waiter's resources are free now (its slot, its pool's connection). Runs for
+    /// every queued waiter on a release: the pool is looked up once, after the checks that
+    /// need no lookup.
     fn eligible(&self, id: u64) -> bool {
         let Some(w) = self.waiters.get(&id) else {
             return false;
         };
+        if w.slot && self.active >= self.limit {
+            return false;
+        }
         let p = self.pools.get(&*w.pool);
         // Statements of open transactions pass a pause, so that they can finish.
-        (w.in_tx || !self.waiter_paused(w))
-            && (!w.slot || (self.active < self.limit && p.map_or(true, Pool::slot_free)))
+        (w.in_tx || !self.pool_paused(p))
+            && (!w.slot || p.map_or(true, Pool::slot_free))
             && (!w.lease || p.map_or(true, Pool::lease_free))
     }
 

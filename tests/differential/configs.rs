@@ -107,6 +107,15 @@ pub fn all() -> Vec<Config> {
     };
     c.flags = FAULT_FLAGS.to_vec();
     v.push(c);
+    // Every session, relay and guard wake-up on one current-thread runtime (`--threads 1`),
+    // with client and server faults: nothing may rely on a second worker to make progress.
+    let mut c = Config::new("txn_one_thread", Transaction, Some(4), None);
+    c.faults = Faults {
+        terminate: true,
+        ..CLIENT_FAULTS
+    };
+    c.flags = [FAULT_FLAGS, &["--threads", "1"]].concat();
+    v.push(c);
     v
 }
 

@@ -4,6 +4,7 @@
 use std::time::{Duration, Instant};
 
 use super::{later, Core, Waiter};
+use crate::guard::pools::Pool;
 use crate::guard::types::ShedReason;
 
 /// CoDel intervals after the last wasted work during which a standing queue is shed.
@@ -129,7 +130,12 @@ impl<T> Core<T> {
 
     /// The waiter's pool is paused (the whole proxy, or its database).
     pub(super) fn waiter_paused(&self, w: &Waiter<T>) -> bool {
-        self.paused || self.pools.get(&*w.pool).is_some_and(|p| p.paused)
+        self.pool_paused(self.pools.get(&*w.pool))
+    }
+
+    /// The one pause rule: everything, or the pool's database.
+    pub(super) fn pool_paused(&self, p: Option<&Pool>) -> bool {
+        self.paused || p.is_some_and(|p| p.paused)
     }
 
     pub(super) fn wake_at(&self, w: &Waiter<T>, now: Instant) -> Instant {
