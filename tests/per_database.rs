@@ -446,3 +446,85 @@ async fn kill_in_session_mode_closes_the_servers_clients_held() {
     drop((a, b, console));
     proxy.shutdown().await;
 }
+
+/// A client queued for a connection of a killed database is ended at once with 57P01 (not
+/// after its queue timeout), and its query never runs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_ends_a_queued_client_before_its_query_runs() {
+    let pg = common::cluster().await;
+    let direct = pg.client().await;
+    direct.batch_execute("CREATE DATABASE app").await.unwrap();
+    let app_direct = connect(&pg.url_for("postgres", None, "app")).await;
+    app_direct
+        .batch_execute("CREATE TABLE queued_t (x int)")
+        .await
+        .unwrap();
+    let proxy = TestProxy::start(&pg, &["--pool-size", "1", "--queue-timeout", "20s"]).await;
+    let console = connect(&proxy.url_for("postgres", "pgsluice")).await;
+
+    // The only connection runs a long query; a second client queues behind it.
+    let sleeper = connect(&proxy.url_for("postgres", "app")).await;
+    let sleeping = tokio::spawn(async move { sleeper.simple_query("SELECT pg_sleep(60)").await });
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            direct
+                .query_one(
+                    "SELECT count(*) FROM pg_stat_activity WHERE query = 'SELECT pg_sleep(60)' AND state = 'active'",
+                    &[],
+                )
+                .await
+                .unwrap()
+                .get::<_, i64>(0)
+                == 1
+        })
+        .await,
+        "the long query is running"
+    );
+    let queued = connect(&proxy.url_for("postgres", "app")).await;
+    let waiting = tokio::spawn(async move {
+        let t0 = Instant::now();
+        let r = queued.simple_query("INSERT INTO queued_t VALUES (1)").await;
+        (r.map(|_| ()), t0.elapsed())
+    });
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            pool_row(&console, "app", "postgres").await["cl_waiting"] == "1"
+        })
+        .await,
+        "the second client is queued"
+    );
+
+    console_psql(&proxy, "KILL app");
+    let (r, took) = tokio::time::timeout(Duration::from_secs(10), waiting)
+        .await
+        .expect("the queued client is answered")
+        .unwrap();
+    let e = r.expect_err("a killed queued query fails");
+    assert_eq!(code(&e).as_deref(), Some("57P01"), "{e:?}");
+    assert!(
+        took < Duration::from_secs(15),
+        "ended by KILL, not the queue timeout: {took:?}"
+    );
+    let e = tokio::time::timeout(Duration::from_secs(10), sleeping)
+        .await
+        .expect("the running query is ended")
+        .unwrap()
+        .expect_err("a killed query fails");
+    assert_eq!(code(&e).as_deref(), Some("57P01"), "{e:?}");
+
+    // After RESUME the table is still empty: the queued INSERT never reached the database.
+    console.simple_query("RESUME app").await.unwrap();
+    let n: i64 = app_direct
+        .query_one("SELECT count(*) FROM queued_t", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(n, 0, "the queued query ran");
+    let after = connect(&proxy.url_for("postgres", "app")).await;
+    after
+        .simple_query("SELECT 1")
+        .await
+        .expect("a new client after RESUME");
+    drop((console, after, app_direct));
+    proxy.shutdown().await;
+}
