@@ -252,3 +252,29 @@ fn a_pool_share_weighs_its_identities_unless_share_names_them() {
     let w = s.core.snapshot(s.now).identities["id-big/u"].weight;
     assert_eq!(w, 1);
 }
+
+/// Waiters held by a paused database are not a standing queue: with waste seen, another
+/// database's young waiter must not be shed because the paused ones have waited long.
+#[test]
+fn a_paused_databases_old_waiters_do_not_make_the_queue_stand() {
+    let mut s = Sim::new(cfg(1));
+    register(&mut s, "app/u", "app", "u");
+    register(&mut s, "other/u", "other", "u");
+    s.core.pause_database("app");
+    s.must_queue(on("app/u", "a", 1), 1);
+    s.advance(ms(400));
+    let _running = s.must_grant(on("other/u", "o", 2));
+    s.must_queue(on("other/u", "o", 3), 3);
+    // Within one CoDel interval (100 ms) of its own wait, with waste recorded all along.
+    for _ in 0..9 {
+        s.advance(ms(10));
+        s.core.record_waste(s.now);
+        s.expire();
+        let done = s.drain();
+        assert!(
+            done.is_empty(),
+            "shed while the paused ones waited: {done:?}"
+        );
+    }
+    assert_eq!(s.core.queued(), 2);
+}

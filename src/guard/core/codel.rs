@@ -89,10 +89,17 @@ impl<T> Core<T> {
         self.oldest_normal_waiter().map(|w| w.enqueued)
     }
 
+    /// The longest-waiting query outside transactions that the database holds back: the
+    /// waiters of a paused database wait for the operator, not for the database, and must
+    /// not make the others' queue look standing.
     pub(super) fn oldest_normal_waiter(&self) -> Option<&Waiter<T>> {
+        let free = |id: &u64| {
+            self.paused_dbs.is_empty()
+                || self.waiters.get(id).is_some_and(|w| !self.waiter_paused(w))
+        };
         self.backlogged
             .iter()
-            .filter_map(|n| self.idents.get(n)?.queue.front())
+            .filter_map(|n| self.idents.get(n)?.queue.iter().find(|id| free(id)))
             .min()
             .and_then(|id| self.waiters.get(id))
     }
