@@ -513,8 +513,24 @@ async fn set_changes_settings_until_restart() {
         .await
         .unwrap();
     assert_eq!(config_value(port, "queue_timeout"), "3s");
+    // The cancel, health-check and breaker settings are reloadable too.
+    for (sql, key, want) in [
+        ("SET cancel_grace = '2s'", "cancel_grace", "2s"),
+        ("SET health_interval = '500ms'", "health_interval", "500ms"),
+        ("SET breaker_threshold = 7", "breaker_threshold", "7"),
+        ("SET breaker_cooldown = '1s'", "breaker_cooldown", "1s"),
+        (
+            "SET breaker_max_cooldown = '10s'",
+            "breaker_max_cooldown",
+            "10s",
+        ),
+    ] {
+        console.simple_query(sql).await.unwrap();
+        assert_eq!(config_value(port, key), want, "{sql}");
+    }
 
     for (sql, want) in [
+        ("SET threads = 2", "55000"),
         ("SET listen = '127.0.0.1:1'", "55000"),
         ("SET no_such_thing = 1", "42704"),
         ("SET max_active = 0", "22023"),

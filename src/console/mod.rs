@@ -348,6 +348,11 @@ pub(crate) const SETTABLE: &[&str] = &[
     "server_lifetime",
     "server_idle_timeout",
     "connect_timeout",
+    "cancel_grace",
+    "health_interval",
+    "breaker_threshold",
+    "breaker_cooldown",
+    "breaker_max_cooldown",
     "max_prepared_statements",
     "admin_users",
     "stats_users",
@@ -376,7 +381,7 @@ fn setting_refused(key: &str) -> (&'static str, String) {
 }
 
 /// Settings SHOW CONFIG shows that only a restart changes.
-const RESTART_ONLY: &[&str] = &["listen", "upstream", "admin_listen", "pool_mode"];
+const RESTART_ONLY: &[&str] = &["listen", "upstream", "admin_listen", "pool_mode", "threads"];
 
 /// `SET key = value` or `SET key TO value`; the value may be single-quoted.
 fn parse_set(stmt: &str) -> Result<(String, String), (&'static str, String)> {

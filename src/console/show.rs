@@ -612,6 +612,15 @@ pub fn config(shared: &Shared) -> ResultSet {
         ("server_lifetime", d(cfg.server_lifetime), "1h"),
         ("server_idle_timeout", d(cfg.server_idle_timeout), "10m"),
         ("connect_timeout", d(Some(cfg.connect_timeout)), "5s"),
+        ("cancel_grace", d(Some(cfg.cancel_grace)), "5s"),
+        ("health_interval", d(Some(cfg.health_interval)), "1s"),
+        ("breaker_threshold", cfg.breaker_threshold.to_string(), "5"),
+        ("breaker_cooldown", d(Some(cfg.breaker_cooldown)), "500ms"),
+        (
+            "breaker_max_cooldown",
+            d(Some(cfg.breaker_max_cooldown)),
+            "30s",
+        ),
         (
             "max_prepared_statements",
             cfg.max_prepared_statements.to_string(),
