@@ -4,7 +4,8 @@
 //! sends its `DEALLOCATE` that way).
 
 use super::super::stmt_sql::{self, Effect, TailWatch};
-use super::{cstr, ensure, put_msg, ClientStatements, Expect, Expectations, ServerStatements};
+use super::rewrite::ensure;
+use super::{cstr, put_msg, ClientStatements, Expect, Expectations, ServerStatements};
 
 /// A simple Query: track statements that drop prepared statements, translate a
 /// `DEALLOCATE name` of a protocol-level statement.
