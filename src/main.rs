@@ -55,7 +55,6 @@ fn main() -> ExitCode {
             },
             Err(e) => Err(e),
         },
-        Some(Command::HashPassword) => pgsluice::demo::hash_password(),
         Some(command) => {
             let rt = match start(0) {
                 Ok(rt) => rt,

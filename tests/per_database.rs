@@ -71,6 +71,25 @@ where
     false
 }
 
+/// Waits until the database shows `SELECT pg_sleep(60)` running.
+async fn assert_sleep_running(direct: &Client) {
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            direct
+                .query_one(
+                    "SELECT count(*) FROM pg_stat_activity WHERE query = 'SELECT pg_sleep(60)' AND state = 'active'",
+                    &[],
+                )
+                .await
+                .unwrap()
+                .get::<_, i64>(0)
+                == 1
+        })
+        .await,
+        "the long query is running"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_ends_a_databases_sessions_closes_its_servers_and_holds_it_until_resume() {
     let pg = common::cluster().await;
@@ -96,21 +115,7 @@ async fn kill_ends_a_databases_sessions_closes_its_servers_and_holds_it_until_re
     idle.simple_query("SELECT 1").await.unwrap();
     let bystander = connect(&proxy.url()).await;
     bystander.simple_query("SELECT 1").await.unwrap();
-    assert!(
-        eventually(Duration::from_secs(10), || async {
-            direct
-                .query_one(
-                    "SELECT count(*) FROM pg_stat_activity WHERE query = 'SELECT pg_sleep(60)' AND state = 'active'",
-                    &[],
-                )
-                .await
-                .unwrap()
-                .get::<_, i64>(0)
-                == 1
-        })
-        .await,
-        "the long query is running"
-    );
+    assert_sleep_running(&direct).await;
     assert!(backends_of(&direct, "app").await >= 2);
 
     // Refusals first: names the console does not know, or its own.
@@ -465,21 +470,7 @@ async fn kill_ends_a_queued_client_before_its_query_runs() {
     // The only connection runs a long query; a second client queues behind it.
     let sleeper = connect(&proxy.url_for("postgres", "app")).await;
     let sleeping = tokio::spawn(async move { sleeper.simple_query("SELECT pg_sleep(60)").await });
-    assert!(
-        eventually(Duration::from_secs(10), || async {
-            direct
-                .query_one(
-                    "SELECT count(*) FROM pg_stat_activity WHERE query = 'SELECT pg_sleep(60)' AND state = 'active'",
-                    &[],
-                )
-                .await
-                .unwrap()
-                .get::<_, i64>(0)
-                == 1
-        })
-        .await,
-        "the long query is running"
-    );
+    assert_sleep_running(&direct).await;
     let queued = connect(&proxy.url_for("postgres", "app")).await;
     let waiting = tokio::spawn(async move {
         let t0 = Instant::now();
