@@ -22,14 +22,30 @@ impl AdminBackend for Backend {
                     "pool": &*p.label,
                     "database": p.database,
                     "user": p.user,
+                    "route": p.route.as_str(),
                     "server_connections": st.connections,
                     "server_idle": st.idle_connections,
                     "server_active": st.connections.saturating_sub(st.idle_connections),
                 })
             })
             .collect();
+        let t = sh.pools.topology();
+        let hosts: Vec<_> = t
+            .hosts
+            .iter()
+            .enumerate()
+            .map(|(i, h)| {
+                serde_json::json!({
+                    "host": h.label,
+                    "role": h.role().as_str(),
+                    "lag_bytes": t.lag_bytes(i),
+                    "server_connections": h.open_connections(),
+                })
+            })
+            .collect();
         serde_json::json!({
             "upstream": sh.config().upstream.label(),
+            "hosts": hosts,
             "upstream_up": sh.upstream_up.load(Ordering::Relaxed),
             "clients": {
                 "total": sh.clients_total.load(Ordering::Relaxed),

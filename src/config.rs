@@ -12,7 +12,9 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 mod databases;
+mod upstream;
 pub use databases::{resolve as resolve_pool_settings, DatabaseSettings};
+pub use upstream::{HostAddr, TargetAttrs, Upstream};
 
 #[derive(Parser, Debug, Clone)]
 #[command(
@@ -234,6 +236,13 @@ pub struct Flags {
     /// Longest circuit-breaker cool-down.
     #[arg(long, env = "PGSLUICE_BREAKER_MAX_COOLDOWN")]
     pub breaker_max_cooldown: Option<String>,
+    /// Several upstream hosts: how often each one's role (primary, standby) is checked.
+    #[arg(long, env = "PGSLUICE_HOST_CHECK_INTERVAL")]
+    pub host_check_interval: Option<String>,
+    /// Several upstream hosts: replay lag (bytes; kB, MB, GB suffixes) beyond which a
+    /// standby gets no new read connections (0 = no bound).
+    #[arg(long, env = "PGSLUICE_MAX_REPLICA_LAG")]
+    pub max_replica_lag: Option<String>,
     /// How often the upstream health check runs (readiness, breaker).
     #[arg(long, env = "PGSLUICE_HEALTH_INTERVAL")]
     pub health_interval: Option<String>,
@@ -264,94 +273,6 @@ pub struct Flags {
     #[arg(skip)]
     #[serde(default, rename = "user-settings")]
     pub user_settings: HashMap<String, DatabaseSettings>,
-}
-
-/// Where a server connection goes.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Upstream {
-    pub host: String,
-    pub port: u16,
-    pub user: String,
-    pub password: Option<String>,
-    pub dbname: Option<String>,
-    pub sslmode: SslMode,
-    /// Root certificates for verify-ca/verify-full: a PEM file, or "system" (the default).
-    pub sslrootcert: Option<String>,
-    pub channel_binding: ChannelBindingMode,
-}
-
-impl Upstream {
-    pub fn parse(url: &str) -> Result<Upstream> {
-        let u = url::Url::parse(url).map_err(|e| anyhow!("--upstream {url:?}: {e}"))?;
-        if u.scheme() != "postgres" && u.scheme() != "postgresql" {
-            bail!("--upstream {url:?}: scheme must be postgres:// or postgresql://");
-        }
-        let decode = |s: &str| {
-            percent_encoding::percent_decode_str(s)
-                .decode_utf8_lossy()
-                .into_owned()
-        };
-        let host = u
-            .host_str()
-            .unwrap_or("127.0.0.1")
-            .trim_matches(['[', ']'])
-            .to_string();
-        let mut user = decode(u.username());
-        let mut password = u.password().map(decode);
-        let mut dbname = Some(decode(u.path().trim_start_matches('/'))).filter(|d| !d.is_empty());
-        let mut port = u.port().unwrap_or(5432);
-        let mut sslmode = SslMode::Disable;
-        let mut sslrootcert = None;
-        let mut channel_binding = ChannelBindingMode::Prefer;
-        for (k, v) in u.query_pairs() {
-            match &*k {
-                "sslmode" => {
-                    sslmode = SslMode::parse(&v).ok_or_else(|| {
-                        anyhow!("--upstream: sslmode={v}: expected disable, allow, prefer, require, verify-ca or verify-full")
-                    })?
-                }
-                "sslrootcert" => sslrootcert = Some(v.into_owned()),
-                "channel_binding" => {
-                    channel_binding = ChannelBindingMode::parse(&v).ok_or_else(|| {
-                        anyhow!("--upstream: channel_binding={v}: expected disable, prefer or require")
-                    })?
-                }
-                "user" => user = v.into_owned(),
-                "password" => password = Some(v.into_owned()),
-                "dbname" => dbname = Some(v.into_owned()),
-                "port" => {
-                    port = v
-                        .parse()
-                        .map_err(|_| anyhow!("--upstream: bad port {v:?}"))?
-                }
-                "application_name" | "connect_timeout" => {}
-                other => bail!("--upstream {url:?}: unsupported parameter {other:?}"),
-            }
-        }
-        if channel_binding == ChannelBindingMode::Require && !sslmode.tries_tls() {
-            bail!(
-                "--upstream: channel_binding=require needs TLS (sslmode={} sends no SSLRequest)",
-                sslmode.as_str()
-            );
-        }
-        if user.is_empty() {
-            user = "postgres".into();
-        }
-        Ok(Upstream {
-            host,
-            port,
-            user,
-            password,
-            dbname,
-            sslmode,
-            sslrootcert,
-            channel_binding,
-        })
-    }
-
-    pub fn label(&self) -> String {
-        format!("{}:{}", self.host, self.port)
-    }
 }
 
 /// Validated configuration.
@@ -398,6 +319,10 @@ pub struct Config {
     pub breaker_cooldown: Duration,
     pub breaker_max_cooldown: Duration,
     pub health_interval: Duration,
+    /// Role checks of a multi-host upstream.
+    pub host_check_interval: Duration,
+    /// Bytes of replay lag beyond which a standby gets no new read connections.
+    pub max_replica_lag: Option<u64>,
     pub identity_label_cap: usize,
     pub databases: HashMap<String, DatabaseSettings>,
     pub user_settings: HashMap<String, DatabaseSettings>,
@@ -597,6 +522,14 @@ impl Config {
             breaker_cooldown: dur("breaker-cooldown", pick!(breaker_cooldown), "500ms")?,
             breaker_max_cooldown: dur("breaker-max-cooldown", pick!(breaker_max_cooldown), "30s")?,
             health_interval: dur("health-interval", pick!(health_interval), "1s")?,
+            host_check_interval: dur("host-check-interval", pick!(host_check_interval), "250ms")?,
+            max_replica_lag: match pick!(max_replica_lag) {
+                Some(v) => Some(parse_bytes(&v).ok_or_else(|| {
+                    anyhow!("--max-replica-lag {v:?}: expected bytes, e.g. 16MB")
+                })?)
+                .filter(|b| *b > 0),
+                None => None,
+            },
             identity_label_cap: pick!(identity_label_cap).unwrap_or(50),
             databases: f.databases.clone(),
             user_settings: f.user_settings.clone(),
@@ -616,8 +549,9 @@ impl Config {
         if cfg.connect_timeout.is_zero()
             || cfg.startup_timeout.is_zero()
             || cfg.health_interval.is_zero()
+            || cfg.host_check_interval.is_zero()
         {
-            bail!("--connect-timeout, --startup-timeout and --health-interval must be positive");
+            bail!("--connect-timeout, --startup-timeout, --health-interval and --host-check-interval must be positive");
         }
         if cfg.breaker_threshold == 0 {
             bail!("--breaker-threshold 0: must be at least 1");
@@ -683,6 +617,22 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     humantime::parse_duration(s).map_err(|e| format!("{e} (expected e.g. 5s, 300ms, 2m)"))
 }
 
+/// `1048576`, `512kB`, `16MB`, `1GB` (powers of 1024, as PostgreSQL's own units).
+fn parse_bytes(v: &str) -> Option<u64> {
+    let v = v.trim();
+    let split = v.find(|c: char| !c.is_ascii_digit()).unwrap_or(v.len());
+    let (n, unit) = v.split_at(split);
+    let n: u64 = n.parse().ok()?;
+    let mul: u64 = match unit.trim() {
+        "" | "B" => 1,
+        "kB" | "KB" | "k" => 1 << 10,
+        "MB" | "M" => 1 << 20,
+        "GB" | "G" => 1 << 30,
+        _ => return None,
+    };
+    n.checked_mul(mul)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -704,7 +654,20 @@ mod tests {
         assert_eq!(c.query_timeout, None);
         assert_eq!(c.pool_mode, PoolMode::Transaction);
         assert_eq!(c.auth, AuthMethod::Trust);
-        assert_eq!(c.upstream.port, 5432);
+        assert_eq!(c.upstream.first().port, 5432);
+    }
+
+    #[test]
+    fn byte_sizes() {
+        assert_eq!(parse_bytes("1048576"), Some(1 << 20));
+        assert_eq!(parse_bytes("16MB"), Some(16 << 20));
+        assert_eq!(parse_bytes("512kB"), Some(512 << 10));
+        assert_eq!(parse_bytes("1 GB"), Some(1 << 30));
+        assert_eq!(parse_bytes("lots"), None);
+        assert_eq!(parse_bytes("5TB"), None);
+        let c = cfg(&["--max-replica-lag", "0"]).unwrap();
+        assert_eq!(c.max_replica_lag, None);
+        assert!(cfg(&["--max-replica-lag", "far"]).is_err());
     }
 
     #[test]
@@ -719,30 +682,6 @@ mod tests {
         assert!(e.contains("scheme"), "{e}");
         assert!(cfg(&["--pool-size", "0"]).is_err());
         assert!(cfg(&["--pool-size", "many"]).is_err());
-    }
-
-    #[test]
-    fn upstream_url() {
-        let u = Upstream::parse("postgres://app:s%40cret@db.internal:5433/shop?sslmode=prefer")
-            .unwrap();
-        assert_eq!(u.host, "db.internal");
-        assert_eq!(u.port, 5433);
-        assert_eq!(u.user, "app");
-        assert_eq!(u.password.as_deref(), Some("s@cret"));
-        assert_eq!(u.dbname.as_deref(), Some("shop"));
-        assert_eq!(u.sslmode, SslMode::Prefer);
-        let u = Upstream::parse(
-            "postgres://h/db?sslmode=verify-full&sslrootcert=/ca.pem&channel_binding=require",
-        )
-        .unwrap();
-        assert_eq!(u.sslmode, SslMode::VerifyFull);
-        assert_eq!(u.sslrootcert.as_deref(), Some("/ca.pem"));
-        assert_eq!(u.channel_binding, ChannelBindingMode::Require);
-        let e = Upstream::parse("postgres://h/db?sslmode=sometimes")
-            .unwrap_err()
-            .to_string();
-        assert!(e.contains("sslmode=sometimes"), "{e}");
-        assert!(Upstream::parse("postgres://h/db?channel_binding=require").is_err());
     }
 
     #[test]

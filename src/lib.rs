@@ -36,3 +36,5 @@ pub mod state;
 pub mod tls;
 #[cfg(feature = "server")]
 pub mod top;
+#[cfg(feature = "server")]
+pub mod upstream;

@@ -22,6 +22,9 @@ pub const SHED_TOTAL: &str = "pgsluice_shed_total";
 pub const CANCELS_TOTAL: &str = "pgsluice_cancels_total";
 pub const UPSTREAM_UP: &str = "pgsluice_upstream_up";
 pub const CIRCUIT_STATE: &str = "pgsluice_circuit_state";
+pub const HOST_UP: &str = "pgsluice_upstream_host_up";
+pub const HOST_PRIMARY: &str = "pgsluice_upstream_host_primary";
+pub const HOST_LAG_BYTES: &str = "pgsluice_upstream_host_lag_bytes";
 pub const SERVER_CONNECTS_TOTAL: &str = "pgsluice_server_connects_total";
 pub const PAUSED: &str = "pgsluice_paused";
 pub const CONFIG_RELOADS_TOTAL: &str = "pgsluice_config_reloads_total";
@@ -47,6 +50,9 @@ pub const ALL: &[(&str, &str)] = &[
     (CANCELS_TOTAL, "Cancels pgsluice sent upstream on its own, by cause (client_gone, query_timeout, idle_in_transaction, protocol_error)."),
     (UPSTREAM_UP, "1 when the upstream answered its latest health check."),
     (CIRCUIT_STATE, "Circuit breaker state: 0 closed, 1 half-open, 2 open."),
+    (HOST_UP, "Several upstream hosts: 1 when the host answered its latest role check."),
+    (HOST_PRIMARY, "Several upstream hosts: 1 when the host's latest role check found a primary."),
+    (HOST_LAG_BYTES, "Several upstream hosts: a standby's replay position behind the primary's WAL, bytes."),
     (SERVER_CONNECTS_TOTAL, "Attempts to open a server connection, by pool and outcome (ok, error)."),
     (PAUSED, "1 while the proxy is paused (new queries wait instead of going upstream)."),
     (CONFIG_RELOADS_TOTAL, "Configuration reloads (SIGHUP or POST /reload), by outcome (ok, error)."),
@@ -71,8 +77,9 @@ pub enum Kind {
 pub fn kind(name: &str) -> Option<Kind> {
     Some(match name {
         CLIENT_CONNECTIONS | SERVER_CONNECTIONS | ACTIVE_QUERIES | CONCURRENCY_LIMIT
-        | QUEUE_DEPTH | UPSTREAM_UP | CIRCUIT_STATE | PAUSED | LIMITER_BASE
-        | LIMITER_THROUGHPUT | LIMITER_INFLIGHT | LIMITER_LATENCY | LIMITER_SCALING => Kind::Gauge,
+        | QUEUE_DEPTH | UPSTREAM_UP | CIRCUIT_STATE | HOST_UP | HOST_PRIMARY | HOST_LAG_BYTES
+        | PAUSED | LIMITER_BASE | LIMITER_THROUGHPUT | LIMITER_INFLIGHT | LIMITER_LATENCY
+        | LIMITER_SCALING => Kind::Gauge,
         QUEUE_WAIT_SECONDS | QUERY_DURATION_SECONDS => Kind::Histogram,
         QUERIES_TOTAL
         | SHED_TOTAL

@@ -96,6 +96,18 @@ pub async fn start(cfg: Config) -> Result<ProxyHandle> {
     // Every series exists from the first scrape, before the first health check completes.
     shared.export_gauges();
     let mut tasks = vec![tokio::spawn(health_loop(shared.clone()))];
+    {
+        let cfg = shared.config();
+        tasks.extend(crate::upstream::monitor::spawn(
+            shared.pools.topology().clone(),
+            cfg.upstream.clone(),
+            shared.pools.tls().clone(),
+            crate::upstream::monitor::MonitorSettings {
+                interval: cfg.host_check_interval,
+                connect_timeout: cfg.connect_timeout,
+            },
+        ));
+    }
     if let Some(l) = admin_listener {
         tasks.push(tokio::spawn(crate::admin_backend::serve(
             l,
@@ -172,12 +184,19 @@ async fn health_loop(shared: Arc<Shared>) {
             debug!("client count fell well below its peak; returned freed memory");
         }
         let cfg = shared.config();
-        let ok = pool::probe(
-            &cfg.upstream,
-            shared.pools.tls(),
-            cfg.connect_timeout.min(cfg.health_interval * 3),
-        )
-        .await;
+        let topology = shared.pools.topology();
+        // Several hosts: the role checks already watch each one; up means the primary
+        // route has somewhere to go.
+        let ok = if topology.is_single() {
+            pool::probe(
+                &cfg.upstream,
+                shared.pools.tls(),
+                cfg.connect_timeout.min(cfg.health_interval * 3),
+            )
+            .await
+        } else {
+            topology.primary_route_up().map(|_| Duration::ZERO)
+        };
         let up = ok.is_ok();
         shared.upstream_up.store(up, Ordering::Relaxed);
         match &ok {

@@ -10,6 +10,7 @@ use crate::metrics as m;
 use crate::pool::{PoolEntry, PoolRegistry};
 use crate::tls::upstream::UpstreamTls;
 use crate::tls::ClientTls;
+use crate::upstream::Topology;
 use anyhow::Result;
 use parking_lot::RwLock;
 use std::collections::HashMap;
@@ -366,7 +367,13 @@ impl Shared {
     ) -> Shared {
         let identity_labels = m::LabelCap::new(cfg.identity_label_cap);
         Shared {
-            pools: PoolRegistry::new(&cfg, guard.clone(), users.clone(), upstream_tls),
+            pools: PoolRegistry::new(
+                &cfg,
+                guard.clone(),
+                users.clone(),
+                upstream_tls,
+                Topology::new(&cfg.upstream, cfg.max_replica_lag),
+            ),
             config: RwLock::new(Arc::new(cfg)),
             config_generation: AtomicU64::new(0),
             users: RwLock::new(users),

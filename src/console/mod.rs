@@ -8,6 +8,7 @@
 //! the running proxy needs a secret; the console has none beyond the password), else SHOW
 //! only. Everyone else is refused at login.
 
+mod hosts;
 mod rows;
 mod show;
 
@@ -420,6 +421,7 @@ fn parse_set(stmt: &str) -> Result<(String, String), (&'static str, String)> {
 
 const SHOWS: &[&str] = &[
     "POOLS",
+    "HOSTS",
     "STATS",
     "STATS_TOTALS",
     "STATS_AVERAGES",
@@ -450,6 +452,7 @@ fn show_command(
         "CLIENTS" => show::clients(shared),
         "SERVERS" => show::servers(shared),
         "DATABASES" => show::databases(shared),
+        "HOSTS" => hosts::hosts(shared),
         "USERS" => show::users(shared),
         "CONFIG" => show::config(shared),
         "LISTS" => show::lists(shared),

@@ -459,14 +459,22 @@ pub fn databases(shared: &Shared) -> ResultSet {
             (upstream, d.pool_size.unwrap_or(cfg.pool_size), 0, 0)
         });
     }
+    // Where the database's new server connections go now: the primary with several hosts.
+    let topology = shared.pools.topology();
     for (db, (upstream_db, pool_size, servers, clients)) in dbs {
+        let route = crate::upstream::Route::of_database(&db).1;
+        let host = topology
+            .candidates(route)
+            .ok()
+            .and_then(|c| c.first().copied())
+            .map_or(cfg.upstream.first(), |i| &topology.host(i).addr);
         let own = cfg.databases.get(&db);
         let mode = own.and_then(|d| d.pool_mode).unwrap_or(cfg.pool_mode);
         let paused = paused || shared.guard.is_database_paused(&db);
         rs.row(vec![
             db.as_str().into(),
-            cfg.upstream.host.as_str().into(),
-            Val::Int(cfg.upstream.port as i64),
+            host.host.as_str().into(),
+            Val::Int(host.port as i64),
             upstream_db.as_str().into(),
             Val::Null,
             pool_size.into(),

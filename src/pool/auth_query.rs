@@ -34,6 +34,7 @@ pub struct AuthQuery {
     ttl: Duration,
     timeout: Duration,
     upstream: Upstream,
+    topology: Arc<crate::upstream::Topology>,
     tls: Arc<UpstreamTls>,
     cache: Mutex<HashMap<String, (Instant, Option<UserEntry>)>>,
 }
@@ -48,7 +49,12 @@ pub struct AuthQueryConfig {
 }
 
 impl AuthQuery {
-    pub fn new(cfg: AuthQueryConfig, upstream: Upstream, tls: Arc<UpstreamTls>) -> Self {
+    pub fn new(
+        cfg: AuthQueryConfig,
+        upstream: Upstream,
+        topology: Arc<crate::upstream::Topology>,
+        tls: Arc<UpstreamTls>,
+    ) -> Self {
         AuthQuery {
             user: cfg.user,
             creds: cfg.creds,
@@ -57,6 +63,7 @@ impl AuthQuery {
             ttl: cfg.ttl,
             timeout: cfg.timeout,
             upstream,
+            topology,
             tls,
             cache: Mutex::new(HashMap::new()),
         }
@@ -94,10 +101,19 @@ impl AuthQuery {
     }
 
     async fn query_secret(&self, user: &str, db: &str) -> Result<Option<String>, String> {
-        let addr = format!("{}:{}", self.upstream.host, self.upstream.port);
-        let tcp = TcpStream::connect(&addr).await.map_err(|e| e.to_string())?;
+        // The primary when one is known (any live host would do: roles are replicated).
+        let idx = self
+            .topology
+            .candidates(crate::upstream::Route::Primary)
+            .ok()
+            .and_then(|c| c.first().copied())
+            .unwrap_or(0);
+        let host = &self.topology.host(idx).addr;
+        let tcp = TcpStream::connect(host.connect_addr())
+            .await
+            .map_err(|e| e.to_string())?;
         let _ = tcp.set_nodelay(true);
-        let secured = self.tls.secure(tcp).await?;
+        let secured = self.tls.secure(tcp, &host.host).await?;
         let binding = Binding {
             tls: secured.stream.is_tls(),
             end_point: secured.end_point,

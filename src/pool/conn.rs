@@ -27,6 +27,8 @@ pub struct ServerConn {
     pub login: Option<Box<crate::session::params::ParamSet>>,
     /// Keeps the connection in its pool's `SHOW SERVERS` list while it lives.
     pub ticket: Option<super::stats::ServerTicket>,
+    /// Which upstream host it is on, counted there while the connection lives.
+    pub host: Option<crate::upstream::OpenOnHost>,
 }
 
 impl ServerConn {
@@ -44,6 +46,7 @@ impl ServerConn {
             untried: false,
             login: None,
             ticket: None,
+            host: None,
         }
     }
 

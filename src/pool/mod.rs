@@ -8,6 +8,7 @@ use crate::config::{PoolMode, Upstream};
 use crate::guard::{Guard, Lease};
 use crate::metrics as m;
 use crate::tls::upstream::UpstreamTls;
+use crate::upstream::{NoHost, Route, Topology};
 use parking_lot::{Mutex, RwLock};
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -45,6 +46,11 @@ pub enum PoolError {
     /// An idle pooled connection was found closed or talking at checkout.
     #[error("server connection died while idle")]
     Stale,
+    /// A host reached as the primary said it is a standby (a failover in progress).
+    #[error("upstream {0} is a standby, not the primary")]
+    NotPrimary(String),
+    #[error("{0}")]
+    NoHost(#[from] NoHost),
 }
 
 impl PoolError {
@@ -65,7 +71,9 @@ impl PoolError {
             PoolError::Connect { .. }
             | PoolError::Tls { .. }
             | PoolError::Timeout(_)
-            | PoolError::Failed(_) => true,
+            | PoolError::Failed(_)
+            | PoolError::NotPrimary(_)
+            | PoolError::NoHost(_) => true,
             PoolError::Login(UpstreamAuthError::Server { code, .. }) => {
                 // Startup/shutdown/too many connections: the server is not serving.
                 code.starts_with("57P") || code == "53300"
@@ -82,6 +90,10 @@ static NEXT_CONN_ID: AtomicU64 = AtomicU64::new(1);
 #[derive(Clone)]
 pub struct ServerManager {
     upstream: Upstream,
+    topology: Arc<Topology>,
+    route: Route,
+    /// Why the latest multi-host connect found no host (the error a timed-out one reports).
+    no_host: Arc<Mutex<Option<String>>>,
     tls: Arc<UpstreamTls>,
     user: String,
     database: String,
@@ -112,9 +124,14 @@ impl ServerManager {
     /// takes them as its reset values, as for a direct client). The pool's own connections
     /// send none beyond `client_encoding`, and no `application_name`, so a client that sends
     /// none sees the server's default.
-    async fn connect_inner(&self, login: &[(&str, &str)]) -> Result<ServerConn, PoolError> {
-        let addr_s = format!("{}:{}", self.upstream.host, self.upstream.port);
-        let tcp = TcpStream::connect(&addr_s)
+    async fn connect_inner(
+        &self,
+        idx: usize,
+        login: &[(&str, &str)],
+    ) -> Result<ServerConn, PoolError> {
+        let host = &self.topology.host(idx).addr;
+        let addr_s = host.label();
+        let tcp = TcpStream::connect(host.connect_addr())
             .await
             .map_err(|source| PoolError::Connect {
                 addr: addr_s.clone(),
@@ -128,7 +145,7 @@ impl ServerManager {
         let local = tcp.local_addr().ok();
         let secured = self
             .tls
-            .secure(tcp)
+            .secure(tcp, &host.host)
             .await
             .map_err(|reason| PoolError::Tls {
                 addr: addr_s.clone(),
@@ -153,6 +170,9 @@ impl ServerManager {
         params.extend_from_slice(login);
         let creds = self.creds.read().clone();
         let st = upstream_login(&mut stream, &params, &creds, &binding).await?;
+        if !self.topology.accepts_login(self.route, &st.params) {
+            return Err(PoolError::NotPrimary(addr_s));
+        }
         tracing::debug!(tls = binding.tls, auth = ?st.auth, backend_pid = st.pid, "server connection logged in");
         // The pool's parameters are those of its own logins, not of a client's.
         if login.is_empty() {
@@ -171,15 +191,69 @@ impl ServerManager {
             link: None,
         };
         let mut conn = ServerConn::new(id, stream, peer, st.pid, st.secret);
+        conn.host = Some(self.topology.count_open(idx));
         conn.ticket = Some(self.servers.open(id, info));
         Ok(conn)
     }
 
+    /// One host: one attempt. Several: each candidate in turn; when none is there (a
+    /// failover between the old primary going and the new one being promoted) it waits for
+    /// the next role change instead of failing, bounded by the caller's connect timeout.
+    async fn connect_route(&self, login: &[(&str, &str)]) -> Result<ServerConn, PoolError> {
+        if self.topology.is_single() {
+            return self.connect_inner(0, login).await;
+        }
+        let mut changed = self.topology.subscribe();
+        loop {
+            changed.borrow_and_update();
+            let mut last = None;
+            match self.topology.candidates(self.route) {
+                Ok(list) => {
+                    for idx in list {
+                        match self.connect_inner(idx, login).await {
+                            Ok(c) => return Ok(c),
+                            // The server's own refusal (a password, a database) is the
+                            // same on every host; one that is shutting down or starting
+                            // (57P0x) is a host failure like a refused connect.
+                            Err(e) if e.server_error().is_some() && !e.is_upstream_failure() => {
+                                return Err(e)
+                            }
+                            Err(e) => last = Some(e),
+                        }
+                    }
+                }
+                Err(no) => last = Some(PoolError::NoHost(no)),
+            }
+            if let Some(e) = &last {
+                tracing::debug!(error = %e, route = self.route.as_str(), "no host took the connection; waiting for a role change");
+                *self.no_host.lock() = Some(e.to_string());
+            }
+            // A role change, or a short pause before trying again (a host that refused
+            // may be restarting and the checks may not have seen it go).
+            let _ = tokio::time::timeout(Duration::from_millis(200), changed.changed()).await;
+        }
+    }
+
+    fn fits(&self, conn: &ServerConn) -> bool {
+        conn.host
+            .as_ref()
+            .map_or(true, |h| self.topology.still_fits(h.idx, self.route))
+    }
+
+    fn last_no_host(&self) -> Option<PoolError> {
+        if self.topology.is_single() {
+            return None;
+        }
+        self.no_host.lock().take().map(PoolError::Failed)
+    }
+
     async fn connect_login(&self, login: &[(&str, &str)]) -> Result<ServerConn, PoolError> {
-        let res = match tokio::time::timeout(self.connect_timeout, self.connect_inner(login)).await
+        let res = match tokio::time::timeout(self.connect_timeout, self.connect_route(login)).await
         {
             Ok(r) => r,
-            Err(_) => Err(PoolError::Timeout(self.upstream.label())),
+            Err(_) => Err(self
+                .last_no_host()
+                .unwrap_or_else(|| PoolError::Timeout(self.upstream.label()))),
         };
         let outcome = match &res {
             Ok(_) => {
@@ -213,7 +287,12 @@ impl bb8::ManageConnection for ServerManager {
 
     async fn is_valid(&self, conn: &mut ServerConn) -> Result<(), PoolError> {
         // A dead idle connection is dropped here and bb8 takes the next one; it is not an
-        // upstream failure (the breaker only hears about connects).
+        // upstream failure (the breaker only hears about connects). So is one to a host that
+        // no longer fits the route (a demoted primary, a lagging standby).
+        if !self.fits(conn) {
+            conn.broken = true;
+            return Err(PoolError::Stale);
+        }
         conn.check_idle()
     }
 
@@ -223,7 +302,7 @@ impl bb8::ManageConnection for ServerManager {
         if let Some(t) = &conn.ticket {
             t.link(None);
         }
-        conn.broken || self.lifetime.is_some_and(|l| conn.created.elapsed() > l)
+        conn.broken || self.lifetime.is_some_and(|l| conn.created.elapsed() > l) || !self.fits(conn)
     }
 }
 
@@ -273,6 +352,8 @@ pub struct PoolEntry {
     pub capacity: usize,
     /// Session or transaction pooling, fixed when the pool was made.
     pub mode: PoolMode,
+    /// Primary, or standbys for a `NAME@ro` database.
+    pub route: Route,
     /// Counters for `SHOW STATS`.
     pub stats: PoolStats,
     /// Open server connections, for `SHOW SERVERS`.
@@ -398,7 +479,7 @@ impl PoolEntry {
     }
 }
 
-/// Opens one connection outside any pool (health checks).
+/// Opens one connection outside any pool (the health check of a single-host upstream).
 pub async fn probe(
     upstream: &Upstream,
     tls: &UpstreamTls,
@@ -406,9 +487,11 @@ pub async fn probe(
 ) -> Result<Duration, String> {
     let t0 = Instant::now();
     let fut = async {
-        let addr = format!("{}:{}", upstream.host, upstream.port);
-        let tcp = TcpStream::connect(&addr).await.map_err(|e| e.to_string())?;
-        let secured = tls.secure(tcp).await?;
+        let host = upstream.first();
+        let tcp = TcpStream::connect(host.connect_addr())
+            .await
+            .map_err(|e| e.to_string())?;
+        let secured = tls.secure(tcp, &host.host).await?;
         let binding = Binding {
             tls: secured.stream.is_tls(),
             end_point: secured.end_point,

@@ -10,6 +10,7 @@ use crate::config::{Config, DatabaseSettings, PoolMode, Upstream};
 use crate::guard::Guard;
 use crate::metrics as m;
 use crate::tls::upstream::UpstreamTls;
+use crate::upstream::{Route, Topology};
 use parking_lot::{Mutex, RwLock};
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -20,6 +21,7 @@ pub struct PoolRegistry {
     pools: Mutex<HashMap<(String, String), Arc<PoolEntry>>>,
     settings: RwLock<PoolSettings>,
     upstream: Upstream,
+    topology: Arc<Topology>,
     tls: Arc<UpstreamTls>,
     guard: Arc<Guard>,
     /// Users file: plain passwords there are used to log in upstream as that user.
@@ -59,6 +61,7 @@ impl PoolRegistry {
         guard: Arc<Guard>,
         users: Arc<UserStore>,
         tls: Arc<UpstreamTls>,
+        topology: Arc<Topology>,
     ) -> Self {
         let auth_query = cfg.auth_user.as_ref().map(|u| {
             let aq = auth_query::AuthQueryConfig {
@@ -69,13 +72,14 @@ impl PoolRegistry {
                 ttl: cfg.auth_cache_ttl,
                 timeout: cfg.connect_timeout,
             };
-            auth_query::AuthQuery::new(aq, cfg.upstream.clone(), tls.clone())
+            auth_query::AuthQuery::new(aq, cfg.upstream.clone(), topology.clone(), tls.clone())
         });
         PoolRegistry {
             tls,
             pools: Mutex::new(HashMap::new()),
             settings: RwLock::new(PoolSettings::from(cfg)),
             upstream: cfg.upstream.clone(),
+            topology,
             guard,
             users: RwLock::new(users),
             auth_query,
@@ -89,8 +93,10 @@ impl PoolRegistry {
         *self.users.write() = users;
     }
 
-    /// The upstream database a client-facing name stands for (`[databases.NAME] dbname`).
+    /// The upstream database a client-facing name stands for (`[databases.NAME] dbname`;
+    /// `NAME@ro` stands for what NAME does, read on a standby).
     pub fn upstream_dbname(&self, database: &str) -> String {
+        let (database, _) = Route::of_database(database);
         let s = self.settings.read();
         let alias = s.databases.get(database).and_then(|d| d.dbname.clone());
         alias.unwrap_or_else(|| database.to_string())
@@ -102,11 +108,13 @@ impl PoolRegistry {
             return p.clone();
         }
         let mut s = self.settings.read().clone();
-        let db = s.databases.get(database);
+        // The key keeps the suffix: reads on standbys are a pool of their own.
+        let (base, route) = Route::of_database(database);
+        let db = s.databases.get(base);
         let upstream_database = db
             .and_then(|d| d.dbname.clone())
-            .unwrap_or_else(|| database.to_string());
-        let own = crate::config::resolve_pool_settings(&s.databases, &s.users, database, user);
+            .unwrap_or_else(|| base.to_string());
+        let own = crate::config::resolve_pool_settings(&s.databases, &s.users, base, user);
         if let Some(n) = own.pool_size {
             s.size = n;
         }
@@ -123,6 +131,9 @@ impl PoolRegistry {
             failures: failures.clone(),
             servers: servers.clone(),
             upstream: self.upstream.clone(),
+            topology: self.topology.clone(),
+            route,
+            no_host: Default::default(),
             tls: self.tls.clone(),
             user: user.to_string(),
             database: upstream_database.clone(),
@@ -153,6 +164,7 @@ impl PoolRegistry {
             user: user.to_string(),
             capacity: s.size,
             mode,
+            route,
             stats: PoolStats::default(),
             servers,
             creds,
@@ -165,6 +177,10 @@ impl PoolRegistry {
         self.guard
             .register_pool(&entry.label, &entry.database, &entry.user);
         entry
+    }
+
+    pub fn topology(&self) -> &Arc<Topology> {
+        &self.topology
     }
 
     /// How server connections are secured (shared with the health check).

@@ -18,7 +18,7 @@ use tokio_rustls::TlsConnector;
 /// How server connections are secured; built once from the upstream URL.
 pub struct UpstreamTls {
     mode: SslMode,
-    connector: Option<(TlsConnector, ServerName<'static>)>,
+    connector: Option<TlsConnector>,
 }
 
 /// A connected stream and, for TLS, the `tls-server-end-point` binding data.
@@ -73,17 +73,21 @@ impl UpstreamTls {
                 .with_custom_certificate_verifier(Arc::new(NoVerify(provider)))
                 .with_no_client_auth(),
         };
-        let name = ServerName::try_from(up.host.clone())
-            .map_err(|e| format!("--upstream host {:?}: {e}", up.host))?;
+        // Every host's name is checked now, so a connect never fails on one.
+        for h in &up.hosts {
+            ServerName::try_from(h.host.clone())
+                .map_err(|e| format!("--upstream host {:?}: {e}", h.host))?;
+        }
         Ok(UpstreamTls {
             mode,
-            connector: Some((TlsConnector::from(Arc::new(config)), name)),
+            connector: Some(TlsConnector::from(Arc::new(config))),
         })
     }
 
-    /// Negotiates TLS on a fresh connection as the mode asks.
-    pub async fn secure(&self, mut tcp: TcpStream) -> Result<Secured, String> {
-        let Some((connector, name)) = &self.connector else {
+    /// Negotiates TLS on a fresh connection to `host` as the mode asks (verify-full checks
+    /// the certificate against that name).
+    pub async fn secure(&self, mut tcp: TcpStream, host: &str) -> Result<Secured, String> {
+        let Some(connector) = &self.connector else {
             return Ok(Secured {
                 stream: ServerStream::Plain(tcp),
                 end_point: None,
@@ -122,7 +126,10 @@ impl UpstreamTls {
             }
         }
         let tls = connector
-            .connect(name.clone(), tcp)
+            .connect(
+                ServerName::try_from(host.to_string()).map_err(|e| e.to_string())?,
+                tcp,
+            )
             .await
             .map_err(|e| format!("TLS handshake (sslmode={}): {e}", self.mode.as_str()))?;
         let end_point = tls

@@ -387,6 +387,69 @@ impl TempPostgres {
         panic!("postgres did not start after 5 attempts: {last_err}");
     }
 
+    /// A streaming standby of `primary` (pg_basebackup -R), running on its own free port.
+    pub fn standby_of(primary: &TempPostgres) -> TempPostgres {
+        let dir = tempfile::Builder::new()
+            .prefix("pgsluice-pg")
+            .tempdir()
+            .expect("create temp dir");
+        let data = dir.path().join("data");
+        let log = dir.path().join("postgres.log");
+        fs::write(dir.path().join(OWNER_FILE), std::process::id().to_string())
+            .expect("write owner file");
+        chown_to_server_user(dir.path());
+        let out = server_command("pg_basebackup")
+            .arg("-D")
+            .arg(&data)
+            .args([
+                "-R",
+                "-X",
+                "stream",
+                "-c",
+                "fast",
+                "-h",
+                "127.0.0.1",
+                "-U",
+                "postgres",
+            ])
+            .arg("-p")
+            .arg(primary.port.to_string())
+            .stdin(Stdio::null())
+            .output()
+            .expect("run pg_basebackup");
+        check(out, "pg_basebackup");
+        // The primary's settings came along; the socket directory must be this one's.
+        write_config(&data, dir.path(), &Builder::default());
+        let mut pg = TempPostgres {
+            dir,
+            data,
+            log,
+            port: 0,
+            password: None,
+        };
+        let mut last_err = String::new();
+        for _ in 0..5 {
+            pg.port = free_port();
+            match pg.try_start() {
+                Ok(()) => return pg,
+                Err(e) => last_err = e,
+            }
+        }
+        panic!("standby did not start after 5 attempts: {last_err}");
+    }
+
+    /// Promotes a standby to primary and waits until it accepts writes.
+    pub fn promote(&self) {
+        let out = server_command("pg_ctl")
+            .arg("-D")
+            .arg(&self.data)
+            .args(["-w", "-t", "20", "promote"])
+            .stdin(Stdio::null())
+            .output()
+            .expect("run pg_ctl promote");
+        check(out, "pg_ctl promote");
+    }
+
     fn set_password(&self, pw: &str) {
         // Over the Unix socket, which pg_hba.conf always trusts.
         let sql = format!("ALTER ROLE postgres PASSWORD '{}'", pw.replace('\'', "''"));

@@ -120,10 +120,10 @@ async fn upstream_tls_in_each_sslmode() {
 async fn login(url: &str, password: &str, tamper: bool) -> Result<UpstreamAuth, UpstreamAuthError> {
     let up = Upstream::parse(url).expect("url");
     let tls = UpstreamTls::new(&up).expect("tls config");
-    let tcp = tokio::net::TcpStream::connect((up.host.as_str(), up.port))
+    let tcp = tokio::net::TcpStream::connect(up.first().connect_addr())
         .await
         .expect("connect");
-    let secured = tls.secure(tcp).await.expect("TLS");
+    let secured = tls.secure(tcp, &up.first().host).await.expect("TLS");
     let mut end_point = secured.end_point;
     if tamper {
         // Another certificate's hash: a server that checks the binding must refuse.

@@ -1,0 +1,288 @@
+//! Several upstream hosts: a primary and a streaming standby (pg_basebackup -R) on loopback.
+//! Roles are detected, reads asked for with `NAME@ro` land on the standby, writes on the
+//! primary; when the primary dies and the standby is promoted, writes through the same
+//! pgsluice address succeed again without a restart or a reload, and no write ever reaches
+//! the standby.
+
+mod common;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::{cluster, connect, try_connect, TempPostgres, TestProxy};
+
+struct Pair {
+    primary: TempPostgres,
+    standby: TempPostgres,
+}
+
+async fn pair() -> Pair {
+    let primary = cluster().await;
+    primary.psql(&[
+        "-c",
+        "CREATE TABLE w (writer int, n int, PRIMARY KEY (writer, n))",
+    ]);
+    // pg_basebackup and pg_ctl block.
+    let standby = tokio::task::block_in_place(|| TempPostgres::standby_of(&primary));
+    Pair { primary, standby }
+}
+
+fn upstream(p: &Pair) -> String {
+    format!(
+        "postgres://postgres@127.0.0.1:{},127.0.0.1:{}/postgres",
+        p.primary.port(),
+        p.standby.port()
+    )
+}
+
+/// Roles as the admin API reports them, in the listed order.
+async fn roles(proxy: &TestProxy) -> Vec<String> {
+    let (code, body) = proxy.http_get("/pools").await;
+    assert_eq!(code, 200, "{body}");
+    let v: serde_json::Value = serde_json::from_str(&body).expect("status json");
+    v["hosts"]
+        .as_array()
+        .expect("hosts")
+        .iter()
+        .map(|h| h["role"].as_str().unwrap_or("").to_string())
+        .collect()
+}
+
+async fn wait_roles(proxy: &TestProxy, want: &[&str]) {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let got = roles(proxy).await;
+        if got == want {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "roles never became {want:?}: {got:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn in_recovery(c: &tokio_postgres::Client) -> bool {
+    let row = c
+        .query_one("SELECT pg_is_in_recovery()", &[])
+        .await
+        .unwrap();
+    row.get(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn roles_are_detected_and_reads_asked_for_go_to_the_standby() {
+    let p = pair().await;
+    let proxy = TestProxy::start_upstream(
+        &upstream(&p),
+        &["--pool-size", "2", "--host-check-interval", "100ms"],
+    )
+    .await;
+    wait_roles(&proxy, &["primary", "standby"]).await;
+
+    // More clients than connections on both routes; every answer is checked.
+    let mut tasks = Vec::new();
+    for i in 0..6 {
+        let url = proxy.url();
+        let ro = proxy.url_for("postgres", "postgres@ro");
+        tasks.push(tokio::spawn(async move {
+            let w = connect(&url).await;
+            let r = connect(&ro).await;
+            for n in 0..20 {
+                assert!(
+                    !in_recovery(&w).await,
+                    "a write-route query ran on the standby"
+                );
+                w.execute("INSERT INTO w VALUES ($1, $2)", &[&i, &n])
+                    .await
+                    .unwrap();
+                assert!(
+                    in_recovery(&r).await,
+                    "a read-route query ran on the primary"
+                );
+                let row = r.query_one("SELECT 40 + $1::int", &[&n]).await.unwrap();
+                assert_eq!(row.get::<_, i32>(0), 40 + n);
+            }
+            // The read route cannot write: the standby refuses, nothing is executed.
+            let e = r
+                .execute("INSERT INTO w VALUES ($1, 1000)", &[&i])
+                .await
+                .unwrap_err();
+            assert_eq!(e.as_db_error().map(|d| d.code().code()), Some("25006"));
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let direct = p.primary.client().await;
+    let n: i64 = direct
+        .query_one("SELECT count(*) FROM w", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(n, 6 * 20);
+
+    // The console shows the same picture.
+    let out = proxy.psql(&["-d", "pgsluice", "-At", "-F", "|", "-c", "SHOW HOSTS"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    let rows: Vec<&str> = text.lines().collect();
+    assert_eq!(rows.len(), 2, "{text}");
+    assert!(
+        rows[0].contains("|primary|") && rows[0].ends_with("|1"),
+        "{text}"
+    );
+    assert!(
+        rows[1].contains("|standby|") && rows[1].ends_with("|0"),
+        "{text}"
+    );
+    proxy.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writes_follow_a_promoted_standby_without_a_restart() {
+    let p = pair().await;
+    let proxy = TestProxy::start_upstream(
+        &upstream(&p),
+        &[
+            "--pool-size",
+            "3",
+            "--host-check-interval",
+            "100ms",
+            "--queue-timeout",
+            "5s",
+        ],
+    )
+    .await;
+    wait_roles(&proxy, &["primary", "standby"]).await;
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let promoted_at: Arc<Mutex<Option<Instant>>> = Arc::default();
+    // Per writer: rows it saw committed after the promotion, and errors by SQLSTATE.
+    let committed_after: Arc<Mutex<Vec<(i32, i32)>>> = Arc::default();
+    let errors: Arc<Mutex<HashMap<String, u64>>> = Arc::default();
+    let first_ok_after = Arc::new(AtomicU64::new(u64::MAX));
+    let mut tasks = Vec::new();
+    for i in 0..8 {
+        let url = proxy.url();
+        let stop = stop.clone();
+        let promoted_at = promoted_at.clone();
+        let committed_after = committed_after.clone();
+        let errors = errors.clone();
+        let first_ok_after = first_ok_after.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut client: Option<tokio_postgres::Client> = None;
+            let mut n = 0i32;
+            let deadline = Instant::now() + Duration::from_secs(40);
+            while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
+                let c = match client.take() {
+                    Some(c) if !c.is_closed() => c,
+                    _ => match try_connect(&url).await {
+                        Ok(c) => c,
+                        Err(e) => {
+                            let code = e
+                                .as_db_error()
+                                .map_or("connect".to_string(), |d| d.code().code().to_string());
+                            *errors.lock().unwrap().entry(code).or_default() += 1;
+                            tokio::time::sleep(Duration::from_millis(20)).await;
+                            continue;
+                        }
+                    },
+                };
+                n += 1;
+                let sent = Instant::now();
+                let res = c
+                    .batch_execute(&format!(
+                        "BEGIN; INSERT INTO w VALUES ({i}, {n}); SELECT pg_sleep(0.005); COMMIT"
+                    ))
+                    .await;
+                match res {
+                    Ok(()) => {
+                        let at = *promoted_at.lock().unwrap();
+                        if let Some(at) = at {
+                            if sent > at {
+                                committed_after.lock().unwrap().push((i, n));
+                                let ms = at.elapsed().as_millis() as u64;
+                                first_ok_after.fetch_min(ms, Ordering::Relaxed);
+                            }
+                        }
+                    }
+                    Err(e) => {
+                        let code = e
+                            .as_db_error()
+                            .map_or("closed".to_string(), |d| d.code().code().to_string());
+                        *errors.lock().unwrap().entry(code).or_default() += 1;
+                        tokio::time::sleep(Duration::from_millis(10)).await;
+                    }
+                }
+                client = Some(c);
+            }
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    let before = errors.lock().unwrap().clone();
+    assert!(before.is_empty(), "errors before the failover: {before:?}");
+
+    // The primary dies hard; the standby is promoted by hand (as an operator or Patroni).
+    tokio::task::block_in_place(|| {
+        p.primary.kill_immediate();
+        p.standby.promote();
+    });
+    let t_promoted = Instant::now();
+    *promoted_at.lock().unwrap() = Some(t_promoted);
+
+    // Every writer commits again through the same address.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while committed_after.lock().unwrap().len() < 40 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    stop.store(true, Ordering::Relaxed);
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let window = first_ok_after.load(Ordering::Relaxed);
+    let errors = errors.lock().unwrap().clone();
+    let after = committed_after.lock().unwrap().clone();
+    eprintln!(
+        "write unavailability after promotion: {window} ms; errors during the failover: {errors:?}; \
+         {} commits after it",
+        after.len()
+    );
+    assert!(after.len() >= 40, "writes did not come back: {errors:?}");
+    assert!(
+        window < 5_000,
+        "writes came back {window} ms after the promotion"
+    );
+    assert_eq!(
+        errors.get("25006"),
+        None,
+        "a write was sent to a standby: {errors:?}"
+    );
+    // What a client may see while its primary dies: its connection lost mid-query.
+    for code in errors.keys() {
+        assert!(
+            ["closed", "08006", "57P01", "57P02", "57P03", "08000", "08001"]
+                .contains(&code.as_str()),
+            "unexpected error during the failover: {code} ({errors:?})"
+        );
+    }
+
+    // Every commit acknowledged after the promotion is on the new primary.
+    let direct = p.standby.client().await;
+    for (i, n) in &after {
+        let got: i64 = direct
+            .query_one(
+                "SELECT count(*) FROM w WHERE writer = $1 AND n = $2",
+                &[i, n],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(got, 1, "commit ({i}, {n}) acknowledged but missing");
+    }
+    let roles_now = roles(&proxy).await;
+    assert_eq!(roles_now, ["down", "primary"]);
+    proxy.shutdown().await;
+}
