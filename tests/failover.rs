@@ -164,6 +164,8 @@ async fn writes_follow_a_promoted_standby_without_a_restart() {
     let committed_after: Arc<Mutex<Vec<(i32, i32)>>> = Arc::default();
     let errors: Arc<Mutex<HashMap<String, u64>>> = Arc::default();
     let first_ok_after = Arc::new(AtomicU64::new(u64::MAX));
+    // The latest of the writers' first commits after the promotion: all of them back.
+    let all_back_after = Arc::new(AtomicU64::new(0));
     let mut tasks = Vec::new();
     for i in 0..8 {
         let url = proxy.url();
@@ -172,9 +174,11 @@ async fn writes_follow_a_promoted_standby_without_a_restart() {
         let committed_after = committed_after.clone();
         let errors = errors.clone();
         let first_ok_after = first_ok_after.clone();
+        let all_back_after = all_back_after.clone();
         tasks.push(tokio::spawn(async move {
             let mut client: Option<tokio_postgres::Client> = None;
             let mut n = 0i32;
+            let mut back = false;
             let deadline = Instant::now() + Duration::from_secs(40);
             while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
                 let c = match client.take() {
@@ -206,6 +210,10 @@ async fn writes_follow_a_promoted_standby_without_a_restart() {
                                 committed_after.lock().unwrap().push((i, n));
                                 let ms = at.elapsed().as_millis() as u64;
                                 first_ok_after.fetch_min(ms, Ordering::Relaxed);
+                                if !back {
+                                    back = true;
+                                    all_back_after.fetch_max(ms, Ordering::Relaxed);
+                                }
                             }
                         }
                     }
@@ -226,11 +234,13 @@ async fn writes_follow_a_promoted_standby_without_a_restart() {
     assert!(before.is_empty(), "errors before the failover: {before:?}");
 
     // The primary dies hard; the standby is promoted by hand (as an operator or Patroni).
+    let t_killed = Instant::now();
     tokio::task::block_in_place(|| {
         p.primary.kill_immediate();
         p.standby.promote();
     });
     let t_promoted = Instant::now();
+    let kill_to_promoted = t_promoted.duration_since(t_killed).as_millis();
     *promoted_at.lock().unwrap() = Some(t_promoted);
 
     // Every writer commits again through the same address.
@@ -243,10 +253,12 @@ async fn writes_follow_a_promoted_standby_without_a_restart() {
         t.await.unwrap();
     }
     let window = first_ok_after.load(Ordering::Relaxed);
+    let all_back = all_back_after.load(Ordering::Relaxed);
     let errors = errors.lock().unwrap().clone();
     let after = committed_after.lock().unwrap().clone();
     eprintln!(
-        "write unavailability after promotion: {window} ms; errors during the failover: {errors:?}; \
+        "failover: kill + promote took {kill_to_promoted} ms; first commit {window} ms after the \
+         promotion, every writer committing again after {all_back} ms; errors: {errors:?}; \
          {} commits after it",
         after.len()
     );
@@ -284,5 +296,142 @@ async fn writes_follow_a_promoted_standby_without_a_restart() {
     }
     let roles_now = roles(&proxy).await;
     assert_eq!(roles_now, ["down", "primary"]);
+    proxy.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reads_leave_a_lagging_standby_and_come_back_when_it_catches_up() {
+    let p = pair().await;
+    let proxy = TestProxy::start_upstream(
+        &upstream(&p),
+        &[
+            "--pool-size",
+            "2",
+            "--host-check-interval",
+            "100ms",
+            "--max-replica-lag",
+            "256kB",
+        ],
+    )
+    .await;
+    wait_roles(&proxy, &["primary", "standby"]).await;
+    let r = connect(&proxy.url_for("postgres", "postgres@ro")).await;
+    assert!(in_recovery(&r).await);
+
+    let until = |want: bool| {
+        let r = &r;
+        async move {
+            let deadline = Instant::now() + Duration::from_secs(15);
+            loop {
+                if in_recovery(r).await == want {
+                    return;
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "reads never moved (want in_recovery = {want})"
+                );
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    };
+    tokio::task::block_in_place(|| {
+        p.standby.psql(&["-c", "SELECT pg_wal_replay_pause()"]);
+        // About 3 MB of WAL the standby receives but does not replay.
+        p.primary.psql(&[
+            "-c",
+            "CREATE TABLE big AS SELECT g, repeat('x', 100) AS pad FROM generate_series(1, 20000) g",
+        ]);
+    });
+    until(false).await;
+    let (_, body) = proxy.http_get("/pools").await;
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let lag = v["hosts"][1]["lag_bytes"].as_u64().unwrap_or(0);
+    assert!(
+        lag > 256 * 1024,
+        "lag {lag} should be past the bound: {body}"
+    );
+
+    tokio::task::block_in_place(|| {
+        p.standby.psql(&["-c", "SELECT pg_wal_replay_resume()"]);
+    });
+    until(true).await;
+    // Within the bound, not necessarily caught up: the rows written while it lagged arrive.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let n = loop {
+        let row = r
+            .query_one(
+                "SELECT CASE WHEN to_regclass('big') IS NULL THEN -1 \
+                 ELSE (SELECT count(*) FROM big) END",
+                &[],
+            )
+            .await
+            .unwrap();
+        let n: i64 = row.get(0);
+        if n == 20000 || Instant::now() > deadline {
+            break n;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(n, 20000);
+    proxy.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_primaries_stop_writes_until_one_is_gone() {
+    let a = cluster().await;
+    let b = cluster().await;
+    let url = format!(
+        "postgres://postgres@127.0.0.1:{},127.0.0.1:{}/postgres",
+        a.port(),
+        b.port()
+    );
+    let proxy = TestProxy::start_upstream(
+        &url,
+        &["--host-check-interval", "100ms", "--connect-timeout", "1s"],
+    )
+    .await;
+    wait_roles(&proxy, &["primary", "primary"]).await;
+    // The refusal comes at login (a transaction-mode login needs the server's parameters
+    // from a first connection) or at the first query; either way, with the reason.
+    let refusal = |e: tokio_postgres::Error| {
+        let db = e.as_db_error().expect("an error from pgsluice").clone();
+        assert_eq!(db.code().code(), "08006");
+        assert!(
+            db.message()
+                .contains("more than one upstream host claims to be primary"),
+            "{}",
+            db.message()
+        );
+    };
+    for db in ["postgres", "postgres@ro"] {
+        let t0 = Instant::now();
+        match try_connect(&proxy.url_for("postgres", db)).await {
+            Err(e) => refusal(e),
+            Ok(c) => refusal(c.simple_query("SELECT 1").await.unwrap_err()),
+        }
+        assert!(t0.elapsed() < Duration::from_secs(4), "{:?}", t0.elapsed());
+    }
+
+    tokio::task::block_in_place(|| a.kill_immediate());
+    wait_roles(&proxy, &["down", "primary"]).await;
+    // The refusals opened the circuit breaker: retries fail fast (57P03, "retrying is
+    // safe") until its cool-down passes and a connect succeeds.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let row = loop {
+        let res = match try_connect(&proxy.url()).await {
+            Ok(c) => c.query_one("SELECT inet_server_port()", &[]).await,
+            Err(e) => Err(e),
+        };
+        match res {
+            Ok(row) => break row,
+            Err(e) => {
+                let code = e.as_db_error().map(|d| d.code().code().to_string());
+                assert!(matches!(code.as_deref(), Some("57P03" | "08006")), "{e:?}");
+                assert!(Instant::now() < deadline, "writes never came back: {e}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    };
+    assert_eq!(row.get::<_, i32>(0), b.port() as i32);
     proxy.shutdown().await;
 }

@@ -27,8 +27,9 @@ pub struct ServerConn {
     pub login: Option<Box<crate::session::params::ParamSet>>,
     /// Keeps the connection in its pool's `SHOW SERVERS` list while it lives.
     pub ticket: Option<super::stats::ServerTicket>,
-    /// Which upstream host it is on, counted there while the connection lives.
-    pub host: Option<crate::upstream::OpenOnHost>,
+    /// Which upstream host it is on, counted there while the connection lives (boxed: every
+    /// session future holds a connection's place).
+    pub host: Option<Box<crate::upstream::OpenOnHost>>,
 }
 
 impl ServerConn {

@@ -191,7 +191,7 @@ impl ServerManager {
             link: None,
         };
         let mut conn = ServerConn::new(id, stream, peer, st.pid, st.secret);
-        conn.host = Some(self.topology.count_open(idx));
+        conn.host = Some(Box::new(self.topology.count_open(idx)));
         conn.ticket = Some(self.servers.open(id, info));
         Ok(conn)
     }
@@ -211,7 +211,10 @@ impl ServerManager {
                 Ok(list) => {
                     for idx in list {
                         match self.connect_inner(idx, login).await {
-                            Ok(c) => return Ok(c),
+                            Ok(c) => {
+                                *self.no_host.lock() = None;
+                                return Ok(c);
+                            }
                             // The server's own refusal (a password, a database) is the
                             // same on every host; one that is shutting down or starting
                             // (57P0x) is a host failure like a refused connect.
@@ -244,7 +247,7 @@ impl ServerManager {
         if self.topology.is_single() {
             return None;
         }
-        self.no_host.lock().take().map(PoolError::Failed)
+        self.no_host.lock().clone().map(PoolError::Failed)
     }
 
     async fn connect_login(&self, login: &[(&str, &str)]) -> Result<ServerConn, PoolError> {
@@ -474,7 +477,10 @@ impl PoolEntry {
         match got {
             Ok(Ok(c)) => Ok(c),
             Ok(Err(bb8::RunError::User(e))) => Err(e),
-            Ok(Err(bb8::RunError::TimedOut)) | Err(_) => Err(PoolError::Exhausted),
+            // Several hosts and none to connect to: that, not a busy pool, is why.
+            Ok(Err(bb8::RunError::TimedOut)) | Err(_) => {
+                Err(self.manager.last_no_host().unwrap_or(PoolError::Exhausted))
+            }
         }
     }
 }

@@ -250,6 +250,7 @@ async fn session_future_size() {
     // freed under one guard lock at the end of a transaction; 4,576 with the console's
     // per-batch statistics (bytes, Parse/Bind counts, transaction start) and the server
     // connection's place in `SHOW SERVERS`; 4,528 once authentication (with the auth
-    // query) is boxed. Growth past that should be a decision, not an accident.
-    assert!(size <= 4528, "session future grew to {size} bytes");
+    // query) is boxed; 4,552 with the server connection's upstream host (boxed, for
+    // multi-host routing). Growth past that should be a decision, not an accident.
+    assert!(size <= 4552, "session future grew to {size} bytes");
 }

@@ -292,10 +292,14 @@ impl Topology {
                 standbys.sort_by_key(|&i| self.hosts[i].open.load(Ordering::Relaxed));
                 if primaries.len() == 1 {
                     // No standby fit for reads: the primary serves them (prefer-standby).
-                    standbys.extend(primaries);
+                    standbys.extend(primaries.iter().copied());
                 }
                 standbys.extend(unknown);
-                if standbys.is_empty() {
+                if standbys.is_empty() && primaries.len() > 1 {
+                    Err(NoHost::TwoPrimaries(
+                        self.labels(|h| h.role() == Role::Primary),
+                    ))
+                } else if standbys.is_empty() {
                     Err(NoHost::AllDown(self.labels(|_| true)))
                 } else {
                     Ok(standbys)
@@ -322,7 +326,10 @@ impl Topology {
             Route::Primary => role != Role::Down,
             Route::Replica => match role {
                 Role::Standby => self.standby_ok(idx),
-                Role::Primary | Role::Unknown => true,
+                // Reads stay on the primary only while no standby can take them, so they
+                // move back once a lagging standby catches up.
+                Role::Primary => !(0..self.hosts.len()).any(|j| self.standby_ok(j)),
+                Role::Unknown => true,
                 Role::Down => false,
             },
         }

@@ -65,8 +65,16 @@ fn writes_follow_the_primary_and_reads_the_least_loaded_standby() {
     assert_eq!(t.lag_bytes(1), Some(210));
     assert_eq!(t.candidates(Route::Replica), Ok(vec![2]));
     assert!(!t.still_fits(1, Route::Replica));
+    assert!(
+        t.still_fits(2, Route::Replica),
+        "the primary reads while no standby can"
+    );
     t.observe(1, Role::Standby, Some(1150));
     assert_eq!(t.candidates(Route::Replica), Ok(vec![1, 2]));
+    assert!(
+        !t.still_fits(2, Route::Replica),
+        "reads move back to the standby"
+    );
     assert_eq!(t.host(0).role_changes.load(Ordering::Relaxed), 2);
 }
 
