@@ -98,6 +98,10 @@ pub async fn start(cfg: Config) -> Result<ProxyHandle> {
     let mut tasks = vec![tokio::spawn(health_loop(shared.clone()))];
     {
         let cfg = shared.config();
+        tasks.push(tokio::spawn(crate::upstream::monitor::follow_primary(
+            shared.pools.topology().clone(),
+            shared.guard.clone(),
+        )));
         tasks.extend(crate::upstream::monitor::spawn(
             shared.pools.topology().clone(),
             cfg.upstream.clone(),

@@ -143,12 +143,26 @@ async fn roles_are_detected_and_reads_asked_for_go_to_the_standby() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn writes_follow_a_promoted_standby_without_a_restart() {
+    failover_under_writes("transaction", "3").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn session_mode_writes_follow_a_promoted_standby() {
+    // A connection per client in session mode: room for every writer.
+    failover_under_writes("session", "8").await;
+}
+
+/// Eight writers commit small transactions through pgsluice while the primary is killed and
+/// the standby promoted.
+async fn failover_under_writes(mode: &str, pool_size: &str) {
     let p = pair().await;
     let proxy = TestProxy::start_upstream(
         &upstream(&p),
         &[
+            "--pool-mode",
+            mode,
             "--pool-size",
-            "3",
+            pool_size,
             "--host-check-interval",
             "100ms",
             "--queue-timeout",
@@ -257,7 +271,7 @@ async fn writes_follow_a_promoted_standby_without_a_restart() {
     let errors = errors.lock().unwrap().clone();
     let after = committed_after.lock().unwrap().clone();
     eprintln!(
-        "failover: kill + promote took {kill_to_promoted} ms; first commit {window} ms after the \
+        "failover ({mode} mode): kill + promote took {kill_to_promoted} ms; first commit {window} ms after the \
          promotion, every writer committing again after {all_back} ms; errors: {errors:?}; \
          {} commits after it",
         after.len()

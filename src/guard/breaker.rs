@@ -93,6 +93,12 @@ impl Breaker {
         matches!(self.state, State::Closed { failures: 0 })
     }
 
+    /// Forgets past failures: they were another server's (a failover).
+    pub(crate) fn reset(&mut self) {
+        self.state = State::Closed { failures: 0 };
+        self.cooldown = Duration::ZERO;
+    }
+
     pub(crate) fn record_success(&mut self, now: Instant) {
         if let State::Open { until } = self.state {
             if now < until {

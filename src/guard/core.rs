@@ -369,6 +369,11 @@ impl<T> Core<T> {
         self.breaker.is_clean()
     }
 
+    pub(crate) fn reset_breaker(&mut self, now: Instant) {
+        self.breaker.reset();
+        self.sync_circuit_gauge(now);
+    }
+
     pub(crate) fn record_success(&mut self, now: Instant) {
         self.breaker.record_success(now);
         self.sync_circuit_gauge(now);

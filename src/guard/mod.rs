@@ -237,6 +237,14 @@ impl Guard {
         self.clean.store(core.breaker_clean(), Ordering::Release);
     }
 
+    /// A new primary took over (several upstream hosts): the failures that opened the
+    /// breaker were the old server's, so queries go to the new one at once.
+    pub fn reset_breaker(&self) {
+        let mut core = self.core.lock();
+        core.reset_breaker(now());
+        self.clean.store(core.breaker_clean(), Ordering::Release);
+    }
+
     /// Work was wasted outside the queue: a client left, or hit its timeout, with its
     /// query running. Enables standing-queue shedding for a while (see `Core::wasting`).
     pub fn record_waste(&self) {

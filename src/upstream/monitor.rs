@@ -49,6 +49,29 @@ pub fn spawn(
         .collect()
 }
 
+/// Closes the circuit breaker when a different host becomes the one primary: what opened it
+/// was the old primary failing, and the new one has just answered a check.
+pub async fn follow_primary(topology: Arc<Topology>, guard: Arc<crate::guard::Guard>) {
+    if topology.is_single() {
+        return;
+    }
+    let mut changes = topology.subscribe();
+    let mut last = None;
+    while changes.changed().await.is_ok() {
+        let now = match topology.candidates(super::Route::Primary) {
+            Ok(c) if c.len() == 1 && topology.host(c[0]).role() == Role::Primary => Some(c[0]),
+            _ => None,
+        };
+        if now.is_some() && now != last {
+            if last.is_some() {
+                tracing::info!(host = %topology.host(now.unwrap_or(0)).label, "new primary; circuit breaker reset");
+            }
+            guard.reset_breaker();
+            last = now;
+        }
+    }
+}
+
 async fn watch_host(
     topology: Arc<Topology>,
     idx: usize,
