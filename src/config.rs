@@ -1,8 +1,6 @@
 //! Configuration from flags, `PGSLUICE_*` environment variables and an optional TOML file,
 //! in that order of precedence, validated into a [`Config`] with one-line errors.
 
-use crate::auth::AuthMethod;
-pub use crate::tls::params::{ChannelBindingMode, SslMode, TlsMode};
 use anyhow::{anyhow, bail, Context, Result};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use serde::Deserialize;
@@ -10,8 +8,12 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
+pub use tls_params::{ChannelBindingMode, SslMode, TlsMode};
 
+mod auth_method;
 mod databases;
+pub use auth_method::AuthMethod;
+pub mod tls_params;
 mod upstream;
 pub use databases::{resolve as resolve_pool_settings, DatabaseSettings};
 pub use upstream::{HostAddr, TargetAttrs, Upstream};
@@ -468,7 +470,7 @@ impl Config {
         let opt = |d: Duration| (!d.is_zero()).then_some(d);
         let (tls_cert, tls_key, tls_client_ca) =
             (pick!(tls_cert), pick!(tls_key), pick!(tls_client_ca));
-        let tls_mode = crate::tls::params::client_mode(
+        let tls_mode = tls_params::client_mode(
             tls_cert.is_some(),
             tls_key.is_some(),
             tls_client_ca.is_some(),

@@ -19,6 +19,8 @@ pub mod demo;
 #[cfg(feature = "server")]
 pub mod guard;
 #[cfg(feature = "server")]
+pub mod handshake;
+#[cfg(feature = "server")]
 mod memtrim;
 #[cfg(feature = "server")]
 pub mod metrics;

@@ -167,11 +167,12 @@ async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
 
 /// Too many clients: answer the startup with 53300 and close.
 async fn refuse_client(sock: TcpStream, tls: Option<Arc<ClientTls>>) {
-    use crate::session::startup;
+    use crate::handshake as startup;
     let cancels = CancelRegistry::new();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
     let _ = tokio::time::timeout_at(deadline, async {
-        if let Some((mut client, _)) = startup::open(sock, tls.as_deref(), &cancels, deadline).await
+        if let Some((mut client, _)) =
+            startup::open(sock, tls.as_deref(), &cancels, deadline, |_| Ok(Vec::new())).await
         {
             startup::send_fatal(&mut client, "53300", "pgsluice: too many clients already").await;
         }

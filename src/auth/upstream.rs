@@ -3,8 +3,8 @@
 
 use super::scram::ScramKeys;
 use super::scram_client::KeyedScram;
+use crate::config::ChannelBindingMode;
 use crate::protocol::{self, ProtocolError, MAX_AUTH_MESSAGE_LEN};
-use crate::tls::params::ChannelBindingMode;
 use bytes::BytesMut;
 use postgres_protocol::authentication::md5_hash;
 use postgres_protocol::authentication::sasl::{self, ChannelBinding, ScramSha256};

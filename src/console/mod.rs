@@ -14,8 +14,8 @@ mod show;
 
 use crate::cancel::ClientInfo;
 use crate::config::Config;
+use crate::handshake as startup;
 use crate::protocol::{self, Severity};
-use crate::session::startup;
 use crate::state::Shared;
 use crate::tls::ClientStream;
 use bytes::{BufMut, BytesMut};

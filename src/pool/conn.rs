@@ -16,15 +16,15 @@ pub struct ServerConn {
     /// Set when the connection must not be reused (protocol state unknown, I/O error).
     pub broken: bool,
     /// Statements prepared here on behalf of clients (transaction pooling).
-    pub prepared: crate::session::prepared::ServerStatements,
+    pub prepared: super::conn_state::ServerStatements,
     /// Session parameters the proxy applied here (transaction pooling).
-    pub params: crate::session::params::ParamSet,
+    pub params: super::conn_state::ParamSet,
     /// Set at checkout, cleared by the first batch: until the server answers that batch,
     /// a failure means the connection was already dead and the batch may go elsewhere.
     pub untried: bool,
     /// Startup parameters it logged in with beyond the pool's usual ones (session pooling;
     /// boxed: every session future holds a connection's place).
-    pub login: Option<Box<crate::session::params::ParamSet>>,
+    pub login: Option<Box<super::conn_state::ParamSet>>,
     /// Keeps the connection in its pool's `SHOW SERVERS` list while it lives.
     pub ticket: Option<super::stats::ServerTicket>,
     /// Which upstream host it is on, counted there while the connection lives (boxed: every

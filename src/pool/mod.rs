@@ -19,6 +19,7 @@ use tokio::net::TcpStream;
 
 pub mod auth_query;
 pub mod conn;
+pub mod conn_state;
 mod registry;
 pub mod stats;
 pub use conn::ServerConn;

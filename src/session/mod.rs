@@ -9,7 +9,9 @@ mod idle;
 pub mod params;
 pub mod prepared;
 pub mod relay;
-pub mod startup;
+/// The client handshake lives in `crate::handshake` (the console and the accept loop use it
+/// too); sessions call it by its old name.
+pub use crate::handshake as startup;
 mod stmt_sql;
 
 use crate::cancel::{BackendTarget, CancelEntry};
@@ -35,8 +37,14 @@ pub async fn run(sock: TcpStream, shared: Arc<Shared>) {
     let cfg = shared.config();
     let tls = shared.client_tls();
     let deadline = tokio::time::Instant::now() + cfg.startup_timeout;
-    let Some((mut client, info)) =
-        startup::open(sock, tls.as_deref(), &shared.cancels, deadline).await
+    let Some((mut client, info)) = startup::open(
+        sock,
+        tls.as_deref(),
+        &shared.cancels,
+        deadline,
+        params::from_startup,
+    )
+    .await
     else {
         return;
     };

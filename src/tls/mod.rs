@@ -5,7 +5,8 @@
 //! Only `params` (setting values, used by the configuration parser) is built without the
 //! `server` feature.
 
-pub mod params;
+/// The TLS settings are configuration (`config::tls_params`); named here as before.
+pub use crate::config::tls_params as params;
 
 #[cfg(feature = "server")]
 mod acceptor;

@@ -43,11 +43,8 @@ pub fn index(name: &str) -> Option<usize> {
     TRACKED.iter().position(|t| t.eq_ignore_ascii_case(name))
 }
 
-/// One value per tracked parameter; an absent one is the server connection's own default
-/// (what `RESET` gives on a pooled connection). Sparse and sorted by position: clients set
-/// few of them, and every session, idle ones included, carries two of these.
-#[derive(Clone, Default, Debug, PartialEq, Eq)]
-pub struct ParamSet(Vec<(u8, Arc<str>)>);
+/// Defined with the server connection that carries it (`pool::conn_state`).
+pub use crate::pool::conn_state::ParamSet;
 
 impl ParamSet {
     fn find(&self, i: usize) -> Result<usize, usize> {

@@ -2,8 +2,10 @@
 //! each server connection with what is known of each.
 
 use super::Expectations;
+use crate::pool::conn_state::Mark;
+pub use crate::pool::conn_state::ServerStatements;
 use crate::session::stmt_sql::TailWatch;
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 use std::sync::Arc;
 
 /// A client's statement as the server knows it.
@@ -123,29 +125,6 @@ impl ClientStatements {
             r.unnamed = Vec::new();
         }
     }
-}
-
-/// Names prepared on one server connection, oldest first.
-#[derive(Default)]
-pub struct ServerStatements {
-    /// Every name prepared here (`present`), and those whose last Parse or Close went out in
-    /// a batch perhaps not answered yet.
-    pub(super) marks: HashMap<String, Mark>,
-    /// The names prepared here, oldest first.
-    pub(super) order: VecDeque<String>,
-    /// The number of the batch being written to this connection (wrapping).
-    pub(super) batch: u32,
-}
-
-/// What is known of one name on a server connection.
-#[derive(Clone, Copy)]
-pub(super) struct Mark {
-    pub(super) present: bool,
-    /// The batch of the last Parse or Close of the name sent: while that batch is
-    /// unanswered, an error in it may leave the name other than `present` says.
-    batch: u32,
-    /// That was a client's Parse defining the statement under this name.
-    defining: bool,
 }
 
 impl ServerStatements {

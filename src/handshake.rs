@@ -21,6 +21,11 @@ pub struct StartupInfo {
     pub params: Vec<(usize, String)>,
 }
 
+/// Reads the startup packet's parameters into tracked ones, or refuses them with (SQLSTATE,
+/// message): what is tracked is the session's vocabulary, so the caller passes it in.
+pub type TrackParams =
+    fn(&[(String, String)]) -> Result<Vec<(usize, String)>, (&'static str, String)>;
+
 /// Error to send to the client before closing: (SQLSTATE, message).
 pub struct Refusal(pub &'static str, pub String);
 
@@ -38,6 +43,7 @@ pub async fn open(
     tls: Option<&ClientTls>,
     cancels: &CancelRegistry,
     deadline: Instant,
+    track: TrackParams,
 ) -> Option<(ClientStream, StartupInfo)> {
     let mut client = ClientStream::Plain(sock);
     // Each refusal of TLS/GSS is followed by a fresh packet; two of each is already odd.
@@ -108,7 +114,7 @@ pub async fn open(
                     send_fatal(&mut client, "28000", "pgsluice: TLS is required").await;
                     return None;
                 }
-                match startup_info(&params) {
+                match startup_info(&params, track) {
                     Ok(info) => return Some((client, info)),
                     Err(Refusal(code, msg)) => {
                         debug!(code, %msg, "startup refused");
@@ -128,7 +134,7 @@ pub async fn open(
     None
 }
 
-fn startup_info(params: &[(String, String)]) -> Result<StartupInfo, Refusal> {
+fn startup_info(params: &[(String, String)], track: TrackParams) -> Result<StartupInfo, Refusal> {
     let get = |k: &str| StartupPacket::param(params, k).filter(|v| !v.is_empty());
     let Some(user) = get("user") else {
         return Err(Refusal(
@@ -142,7 +148,7 @@ fn startup_info(params: &[(String, String)]) -> Result<StartupInfo, Refusal> {
             "pgsluice: replication connections are not supported".into(),
         ));
     }
-    let tracked = super::params::from_startup(params).map_err(|(c, m)| Refusal(c, m))?;
+    let tracked = track(params).map_err(|(c, m)| Refusal(c, m))?;
     Ok(StartupInfo {
         user: user.to_string(),
         database: get("database").unwrap_or(user).to_string(),
