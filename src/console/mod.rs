@@ -11,6 +11,7 @@
 mod hosts;
 mod rows;
 mod show;
+mod stats;
 
 use crate::cancel::ClientInfo;
 use crate::config::Config;
@@ -445,10 +446,10 @@ fn show_command(
 ) -> Result<Option<ResultSet>, (&'static str, String)> {
     Ok(Some(match what {
         "POOLS" => show::pools(shared),
-        "STATS" => show::stats(shared),
-        "STATS_TOTALS" => show::stats_totals(shared, false),
-        "STATS_AVERAGES" => show::stats_totals(shared, true),
-        "TOTALS" => show::totals(shared),
+        "STATS" => stats::stats(shared),
+        "STATS_TOTALS" => stats::stats_totals(shared, false),
+        "STATS_AVERAGES" => stats::stats_totals(shared, true),
+        "TOTALS" => stats::totals(shared),
         "CLIENTS" => show::clients(shared),
         "SERVERS" => show::servers(shared),
         "DATABASES" => show::databases(shared),
