@@ -44,4 +44,5 @@ config_tests!(
     txn_faults_restart,
     session_faults,
     txn_one_thread,
+    txn_two_hosts,
 );

@@ -258,7 +258,7 @@ impl Topology {
             .filter(|&i| self.hosts[i].role() == Role::Unknown)
             .collect();
         let primaries = self.primaries();
-        if primaries.len() > 1 {
+        if primaries.len() > 1 && self.target == TargetAttrs::Primary {
             // Reads may still go to standbys; the default route stops.
             if route == Route::Primary {
                 return Err(NoHost::TwoPrimaries(
@@ -290,7 +290,7 @@ impl Topology {
                 let mut standbys: Vec<usize> = (0..n).filter(|&i| self.standby_ok(i)).collect();
                 // Least busy first; the listed order breaks ties.
                 standbys.sort_by_key(|&i| self.hosts[i].open.load(Ordering::Relaxed));
-                if primaries.len() == 1 {
+                if primaries.len() == 1 || self.target == TargetAttrs::Any {
                     // No standby fit for reads: the primary serves them (prefer-standby).
                     standbys.extend(primaries.iter().copied());
                 }

@@ -104,6 +104,12 @@ fn target_any_takes_the_first_live_host() {
         t.candidates(Route::Primary),
         Err(NoHost::AllDown(_))
     ));
+    // Two primaries are no conflict when any host will do (one server under two names).
+    t.observe(0, Role::Primary, Some(5));
+    t.observe(1, Role::Primary, Some(5));
+    assert_eq!(t.candidates(Route::Primary), Ok(vec![0, 1]));
+    assert_eq!(t.candidates(Route::Replica), Ok(vec![0, 1]));
+    assert!(t.still_fits(1, Route::Primary));
 }
 
 #[test]

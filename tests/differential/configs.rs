@@ -116,6 +116,17 @@ pub fn all() -> Vec<Config> {
     };
     c.flags = [FAULT_FLAGS, &["--threads", "1"]].concat();
     v.push(c);
+    // The upstream as two hosts (one server under two names): role checks, host choice and
+    // the re-check of pooled connections, with server faults and restarts.
+    let mut c = Config::new("txn_two_hosts", Transaction, Some(4), None);
+    c.faults = Faults {
+        terminate: true,
+        restart: true,
+        ..CLIENT_FAULTS
+    };
+    c.flags = FAULT_FLAGS.to_vec();
+    c.two_hosts = true;
+    v.push(c);
     v
 }
 

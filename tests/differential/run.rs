@@ -45,6 +45,10 @@ pub struct Config {
     pub short: bool,
     /// The load is one the proxy must serve: any 53400 is a failure.
     pub shed_fails: bool,
+    /// The upstream given as two hosts (`127.0.0.1` and `localhost`, one server, with
+    /// `target_session_attrs=any`): the multi-host paths (role checks, host choice, the
+    /// fit of pooled connections) under the oracle.
+    pub two_hosts: bool,
     pub secs: f64,
 }
 
@@ -68,6 +72,7 @@ impl Config {
             churn: None,
             short: false,
             shed_fails: false,
+            two_hosts: false,
             secs: secs_from_env(12.0),
         }
     }
@@ -394,7 +399,15 @@ pub async fn run(cfg: &Config, seed: u64) -> Report {
         Mode::Direct => None,
         _ => {
             let f: Vec<&str> = flags.iter().map(String::as_str).collect();
-            Some(ProxyProcess::start(&pg.url(), &f).await)
+            let upstream = if cfg.two_hosts {
+                format!(
+                    "postgres://postgres@127.0.0.1:{p},localhost:{p}/postgres?target_session_attrs=any",
+                    p = pg.port()
+                )
+            } else {
+                pg.url()
+            };
+            Some(ProxyProcess::start(&upstream, &f).await)
         }
     };
     let addr = proxy.as_ref().map_or(pg.addr(), |p| p.addr());
