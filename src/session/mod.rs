@@ -67,15 +67,11 @@ pub async fn run(sock: TcpStream, shared: Arc<Shared>) {
         .clone()
         .unwrap_or_else(|| info.user.clone())
         .into();
-    tracing::Span::current()
-        .record("identity", &*identity)
-        .record("database", info.database.as_str())
-        .record("user", info.user.as_str());
-    let entry = shared.cancels.register(
-        pool.label.clone(),
-        identity.clone(),
-        client_info(&client, &info),
-    );
+    let ci = client_info(&client, &info);
+    debug!(peer = ?ci.peer, database = %info.database, user = %info.user, %identity, "client logged in");
+    let entry = shared
+        .cancels
+        .register(pool.label.clone(), identity.clone(), ci);
     let client_id = shared.next_client_id();
     let mut st = RelayState::new();
     if pool.mode == PoolMode::Transaction {
