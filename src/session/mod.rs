@@ -67,11 +67,11 @@ pub async fn run(sock: TcpStream, shared: Arc<Shared>) {
         .clone()
         .unwrap_or_else(|| info.user.clone())
         .into();
-    let ci = client_info(&client, &info);
-    debug!(peer = ?ci.peer, database = %info.database, user = %info.user, %identity, "client logged in");
-    let entry = shared
-        .cancels
-        .register(pool.label.clone(), identity.clone(), ci);
+    let entry = shared.cancels.register(
+        pool.label.clone(),
+        identity.clone(),
+        client_info(&client, &info),
+    );
     let client_id = shared.next_client_id();
     let mut st = RelayState::new();
     if pool.mode == PoolMode::Transaction {
@@ -131,10 +131,17 @@ async fn login(
     )
     .await;
     match auth {
-        Ok(Ok(a)) => Some(match (a.scram_keys, entry.map(|e| &e.secret)) {
-            (Some(k), _) => crate::auth::Credentials::Scram(k),
-            (None, Some(crate::auth::Secret::Md5(h))) => crate::auth::Credentials::Md5(h.clone()),
-            _ => crate::auth::Credentials::None,
+        Ok(Ok(a)) => Some({
+            // Here, in the boxed login, rather than in the session's own future. With no
+            // span per client, this line ties the peer to what later lines name.
+            debug!(peer = ?client.tcp().peer_addr().ok(), database = %info.database, user = %info.user, application_name = ?info.application_name, "client logged in");
+            match (a.scram_keys, entry.map(|e| &e.secret)) {
+                (Some(k), _) => crate::auth::Credentials::Scram(k),
+                (None, Some(crate::auth::Secret::Md5(h))) => {
+                    crate::auth::Credentials::Md5(h.clone())
+                }
+                _ => crate::auth::Credentials::None,
+            }
         }),
         Ok(Err(Refusal(code, msg))) => {
             info!(user = %info.user, code, "authentication failed");
