@@ -36,12 +36,15 @@ log "build: pgsluice and bench targets"
 # twice (2.5 min, then 4 min more on a fresh 2-core machine). The proxy this smoke runs is
 # therefore built with those features too; the figures in BENCHMARKS.md come from
 # `cargo build --release --bin pgsluice` (each script's own build).
-BENCH_TARGETS=(--bench frame_scan --bench idle_clients --bench outage_replay --bench cancel_latency --bench difftest)
+BENCH_TARGETS=(--bench frame_scan --bench idle_clients --bench outage_replay --bench cancel_latency --bench difftest --bench allocs)
 cargo build --release -q --bin pgsluice "${BENCH_TARGETS[@]}" 2>/dev/null ||
     cargo build --release --bin pgsluice "${BENCH_TARGETS[@]}"
 
 log "frame_scan (one pass per benchmark)"
 cargo bench -q --bench frame_scan -- --test
+
+log "allocs --quick (proxy allocations per query)"
+cargo bench -q --bench allocs -- --quick
 
 log "compare.sh QUICK=1"
 QUICK=1 STRICT=1 SKIP_BUILD=1 bash "$BENCH_DIR/compare.sh"

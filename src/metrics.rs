@@ -120,6 +120,24 @@ pub fn install() -> PrometheusHandle {
         .clone()
 }
 
+/// How often histogram samples are folded into the exporter's buckets when nobody scrapes,
+/// so memory stays bounded.
+const UPKEEP_INTERVAL: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Folds histogram samples into their buckets on an interval. The exporter keeps every
+/// sample until then: without this, a proxy run with `--admin-listen off` (never scraped)
+/// grew by two samples per query for its whole life.
+pub fn spawn_upkeep(handle: PrometheusHandle) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(UPKEEP_INTERVAL);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            handle.run_upkeep();
+        }
+    })
+}
+
 fn builder() -> PrometheusBuilder {
     let mut b = PrometheusBuilder::new();
     for name in [QUEUE_WAIT_SECONDS, QUERY_DURATION_SECONDS] {

@@ -95,7 +95,10 @@ pub async fn start(cfg: Config) -> Result<ProxyHandle> {
     ));
     // Every series exists from the first scrape, before the first health check completes.
     shared.export_gauges();
-    let mut tasks = vec![tokio::spawn(health_loop(shared.clone()))];
+    let mut tasks = vec![
+        tokio::spawn(health_loop(shared.clone())),
+        m::spawn_upkeep(prometheus.clone()),
+    ];
     {
         let cfg = shared.config();
         tasks.push(tokio::spawn(crate::upstream::monitor::follow_primary(

@@ -19,7 +19,6 @@ mod tests;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
 
 use axum::extract::{ConnectInfo, State};
 use axum::http::{header, HeaderMap, StatusCode};
@@ -53,10 +52,6 @@ pub struct AdminConfig {
     pub token: Option<String>,
 }
 
-/// How often histogram samples are folded into the exporter's buckets when nobody scrapes,
-/// so memory stays bounded.
-const UPKEEP_INTERVAL: Duration = Duration::from_secs(5);
-
 const METRICS_CONTENT_TYPE: &str = "text/plain; version=0.0.4";
 
 struct AppState {
@@ -73,28 +68,15 @@ pub async fn serve(
     cfg: AdminConfig,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    let upkeep = {
-        let metrics = metrics.clone();
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(UPKEEP_INTERVAL);
-            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            loop {
-                tick.tick().await;
-                metrics.run_upkeep();
-            }
-        })
-    };
     let state = Arc::new(AppState {
         backend,
         metrics,
         token: cfg.token.filter(|t| !t.is_empty()),
     });
     let app = router(state).into_make_service_with_connect_info::<SocketAddr>();
-    let result = axum::serve(listener, app)
+    axum::serve(listener, app)
         .with_graceful_shutdown(shutdown)
-        .await;
-    upkeep.abort();
-    result
+        .await
 }
 
 fn router(state: Arc<AppState>) -> Router {

@@ -243,8 +243,11 @@ impl Session {
                     self.shared.observe_query(&self.pool, outcome, running);
                 }
                 self.count_batch(t0, self.st.status == b'I');
-                // Boxed: the read-back is rare and would otherwise enlarge every session's future.
-                Box::pin(self.params_after_batch()).await;
+                // Boxed, and only when needed: the read-back is rare, and would otherwise
+                // enlarge every session's future (or cost an allocation per batch).
+                if self.params_after_batch_quick() {
+                    Box::pin(self.params_after_batch()).await;
+                }
                 self.after_idle(permit)
             }
             RelayEvent::ClientGone => {

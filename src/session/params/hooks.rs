@@ -302,32 +302,44 @@ impl Session {
 
     /// After a batch: once the transaction is over, record the server's new state, reading
     /// it back when a statement may have changed a parameter.
-    pub(in crate::session) async fn params_after_batch(&mut self) {
+    /// What follows a batch for the session's parameters, without a future in the common
+    /// case. True when the rare async part (`params_after_batch`) must follow: a read-back,
+    /// or the end of a client whose settings died with its server.
+    pub(in crate::session) fn params_after_batch_quick(&mut self) -> bool {
         if self.st.server_fatal {
-            if self.st.params.needs_read_back() && !self.st.fatal_to_client {
-                // The server went away right after the batch (its FATAL was not the
-                // client's to see): what the batch set cannot be read back, so the
-                // client's session cannot go on as it knows it.
-                self.lost_settings().await;
-            }
-            return;
+            // The server went away right after the batch (its FATAL was not the client's
+            // to see): what the batch set cannot be read back, so the client's session
+            // cannot go on as it knows it.
+            return self.st.params.needs_read_back() && !self.st.fatal_to_client;
         }
         let Some(server) = self.server.as_mut() else {
-            return;
+            return false;
         };
         if self.st.params.take_sync_failed() {
             warn!(identity = %self.identity, "replaying session parameters failed; closing that server connection");
             server.broken = true;
         }
         if self.st.status != b'I' {
-            return;
+            return false;
         }
         if !self.st.params.needs_read_back() {
             if let Some(p) = self.st.params.settle() {
                 server.params = p;
             }
+            return false;
+        }
+        true
+    }
+
+    /// The async remainder of `params_after_batch_quick`, when it said so.
+    pub(in crate::session) async fn params_after_batch(&mut self) {
+        if self.st.server_fatal {
+            self.lost_settings().await;
             return;
         }
+        let Some(server) = self.server.as_mut() else {
+            return;
+        };
         let grace = self.cfg.cancel_grace.max(Duration::from_secs(1));
         match tokio::time::timeout(grace, read_back(&mut server.stream)).await {
             Ok(Ok(actual)) => server.params = self.st.params.apply_read_back(actual),

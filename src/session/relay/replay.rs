@@ -103,7 +103,7 @@ impl RelayState {
             return;
         }
         let raw = self.c2s.slice(start, self.c2s.end);
-        if batch_ends(raw).is_none() {
+        if !resendable(raw) {
             self.reset_retries();
             return;
         }
@@ -240,7 +240,19 @@ impl RelayState {
 /// (only complete messages count); None when they hold anything but ordinary batch
 /// messages, which would make a resend unsafe.
 fn batch_ends(raw: &[u8]) -> Option<(VecDeque<usize>, bool)> {
-    let (mut at, mut ends, mut open) = (0usize, VecDeque::new(), false);
+    let mut ends = VecDeque::new();
+    let open = walk_batch(raw, |end| ends.push_back(end))?;
+    Some((ends, open))
+}
+
+/// `batch_ends` without collecting the ends (checked before every batch: no allocation).
+fn resendable(raw: &[u8]) -> bool {
+    walk_batch(raw, |_| {}).is_some()
+}
+
+/// Calls `end` at each batch end; the open-batch flag, or None as for `batch_ends`.
+fn walk_batch(raw: &[u8], mut end_at: impl FnMut(usize)) -> Option<bool> {
+    let (mut at, mut open) = (0usize, false);
     // Each step advances by at least five bytes.
     while raw.len() - at >= 5 {
         let len = i32::from_be_bytes([raw[at + 1], raw[at + 2], raw[at + 3], raw[at + 4]]);
@@ -253,7 +265,7 @@ fn batch_ends(raw: &[u8]) -> Option<(VecDeque<usize>, bool)> {
         }
         match raw[at] {
             b'Q' | b'S' | b'F' => {
-                ends.push_back(end);
+                end_at(end);
                 open = false;
             }
             b'P' | b'B' | b'D' | b'E' | b'C' => open = true,
@@ -262,7 +274,7 @@ fn batch_ends(raw: &[u8]) -> Option<(VecDeque<usize>, bool)> {
         }
         at = end;
     }
-    Some((ends, open))
+    Some(open)
 }
 
 /// Whether the first message of a fresh server's answer says the backend was terminated
@@ -307,6 +319,8 @@ mod tests {
         assert!(open);
         assert!(batch_ends(&msg(b'd', b"x")).is_none());
         assert!(batch_ends(&[b'Q', 0, 0, 0, 1]).is_none());
+        assert!(resendable(&raw));
+        assert!(!resendable(&msg(b'd', b"x")));
     }
 
     #[test]
