@@ -212,6 +212,14 @@ impl Shared {
             warn!("threads changes need a restart; keeping the old value");
             new.threads = old.threads;
         }
+        // The role checks and the lag bound are fixed when the upstream's hosts are set up.
+        if new.host_check_interval != old.host_check_interval
+            || new.max_replica_lag != old.max_replica_lag
+        {
+            warn!("host-check-interval and max-replica-lag changes need a restart; keeping the old values");
+            new.host_check_interval = old.host_check_interval;
+            new.max_replica_lag = old.max_replica_lag;
+        }
         if new.pool_mode != old.pool_mode {
             warn!("pool-mode changes need a restart; keeping the old value");
             new.pool_mode = old.pool_mode;

@@ -383,7 +383,15 @@ fn setting_refused(key: &str) -> (&'static str, String) {
 }
 
 /// Settings SHOW CONFIG shows that only a restart changes.
-const RESTART_ONLY: &[&str] = &["listen", "upstream", "admin_listen", "pool_mode", "threads"];
+const RESTART_ONLY: &[&str] = &[
+    "listen",
+    "upstream",
+    "admin_listen",
+    "pool_mode",
+    "threads",
+    "host_check_interval",
+    "max_replica_lag",
+];
 
 /// `SET key = value` or `SET key TO value`; the value may be single-quoted.
 fn parse_set(stmt: &str) -> Result<(String, String), (&'static str, String)> {

@@ -464,6 +464,16 @@ pub fn config(shared: &Shared) -> ResultSet {
         ("connect_timeout", d(Some(cfg.connect_timeout)), "5s"),
         ("cancel_grace", d(Some(cfg.cancel_grace)), "5s"),
         ("health_interval", d(Some(cfg.health_interval)), "1s"),
+        (
+            "host_check_interval",
+            d(Some(cfg.host_check_interval)),
+            "250ms",
+        ),
+        (
+            "max_replica_lag",
+            cfg.max_replica_lag.map_or("0".into(), |b| b.to_string()),
+            "0",
+        ),
         ("breaker_threshold", cfg.breaker_threshold.to_string(), "5"),
         ("breaker_cooldown", d(Some(cfg.breaker_cooldown)), "500ms"),
         (
