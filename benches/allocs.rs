@@ -12,7 +12,7 @@ mod alloc_count;
 #[path = "../tests/common/mod.rs"]
 mod common;
 
-use alloc_count::{run, Mode, ALLOCS, PROXY_THREAD, TRACE_LEFT};
+use alloc_count::{run, start_counted_proxy, Mode, ALLOCS, TRACE_LEFT};
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
@@ -33,30 +33,7 @@ fn main() {
         .and_then(|v| v.parse().ok())
         .unwrap_or(0);
     let pg = common::TempPostgres::new();
-    let proxy_rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .on_thread_start(|| PROXY_THREAD.with(|p| p.set(true)))
-        .build()
-        .expect("proxy runtime");
-    let cfg = pgsluice::config::Config::from_args([
-        "pgsluice",
-        "--listen",
-        "127.0.0.1:0",
-        "--admin-listen",
-        "off",
-        "--upstream",
-        &pg.url(),
-        "--pool-size",
-        "2",
-        "--health-interval",
-        "60s",
-    ])
-    .expect("config");
-    let handle = proxy_rt
-        .block_on(async { pgsluice::server::start(cfg).await })
-        .expect("proxy start");
-    let url = format!("postgres://postgres@{}/postgres", handle.addr());
+    let (proxy_rt, handle, url) = start_counted_proxy(&pg.url());
     let client_rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()

@@ -1,9 +1,7 @@
 //! Server connections: one bb8 pool per (database, user), connections that log in to the
 //! upstream, are discarded when broken or too old, and never reach another client dirty.
 
-use crate::auth::upstream::{
-    upstream_login, upstream_startup_bound, Binding, Credentials, UpstreamAuthError,
-};
+use crate::auth::upstream::{upstream_login, Binding, Credentials, UpstreamAuthError};
 use crate::config::{PoolMode, Upstream};
 use crate::guard::{Guard, Lease};
 use crate::metrics as m;
@@ -494,29 +492,13 @@ pub async fn probe(
 ) -> Result<Duration, String> {
     let t0 = Instant::now();
     let fut = async {
-        let host = upstream.first();
-        let tcp = TcpStream::connect(host.connect_addr())
-            .await
-            .map_err(|e| e.to_string())?;
-        let secured = tls.secure(tcp, &host.host).await?;
-        let binding = Binding {
-            tls: secured.stream.is_tls(),
-            end_point: secured.end_point,
-            mode: upstream.channel_binding,
-        };
-        let mut s = secured.stream;
-        let db = upstream
-            .dbname
-            .clone()
-            .unwrap_or_else(|| upstream.user.clone());
-        let params = [
-            ("user", upstream.user.as_str()),
-            ("database", db.as_str()),
-            ("application_name", "pgsluice-health"),
-        ];
-        upstream_startup_bound(&mut s, &params, upstream.password.as_deref(), &binding)
-            .await
-            .map_err(|e| e.to_string())?;
+        let mut s = crate::upstream::monitor::login_url_user(
+            upstream,
+            upstream.first(),
+            tls,
+            "pgsluice-health",
+        )
+        .await?;
         let mut b = bytes::BytesMut::new();
         crate::protocol::terminate(&mut b);
         let _ = tokio::io::AsyncWriteExt::write_all(&mut s, &b).await;

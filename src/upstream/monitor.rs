@@ -3,7 +3,7 @@
 
 use super::{Role, Topology};
 use crate::auth::upstream::{upstream_startup_bound, Binding};
-use crate::config::Upstream;
+use crate::config::{HostAddr, Upstream};
 use crate::metrics as m;
 use crate::protocol;
 use crate::tls::upstream::UpstreamTls;
@@ -143,12 +143,22 @@ async fn open(
     topology: &Topology,
     tls: &UpstreamTls,
 ) -> Result<ServerStream, String> {
-    let h = &topology.host(idx).addr;
-    let tcp = TcpStream::connect(h.connect_addr())
+    login_url_user(upstream, &topology.host(idx).addr, tls, "pgsluice-monitor").await
+}
+
+/// A connection to `host` logged in as the upstream URL's own user (the health check and
+/// the role checks), not a pool's.
+pub async fn login_url_user(
+    upstream: &Upstream,
+    host: &HostAddr,
+    tls: &UpstreamTls,
+    application_name: &str,
+) -> Result<ServerStream, String> {
+    let tcp = TcpStream::connect(host.connect_addr())
         .await
         .map_err(|e| e.to_string())?;
     let _ = tcp.set_nodelay(true);
-    let secured = tls.secure(tcp, &h.host).await?;
+    let secured = tls.secure(tcp, &host.host).await?;
     let binding = Binding {
         tls: secured.stream.is_tls(),
         end_point: secured.end_point,
@@ -162,7 +172,7 @@ async fn open(
     let params = [
         ("user", upstream.user.as_str()),
         ("database", db.as_str()),
-        ("application_name", "pgsluice-monitor"),
+        ("application_name", application_name),
     ];
     upstream_startup_bound(&mut s, &params, upstream.password.as_deref(), &binding)
         .await

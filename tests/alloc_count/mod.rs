@@ -103,3 +103,39 @@ pub async fn run(c: &tokio_postgres::Client, st: &tokio_postgres::Statement, mod
         assert_eq!(v, i + 1, "wrong answer in {} mode", mode.name());
     }
 }
+
+/// A proxy on a runtime whose threads are counted, in front of `upstream`; and the URL a
+/// client connects to.
+pub fn start_counted_proxy(
+    upstream: &str,
+) -> (
+    tokio::runtime::Runtime,
+    pgsluice::server::ProxyHandle,
+    String,
+) {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .on_thread_start(|| PROXY_THREAD.with(|p| p.set(true)))
+        .build()
+        .expect("proxy runtime");
+    let cfg = pgsluice::config::Config::from_args([
+        "pgsluice",
+        "--listen",
+        "127.0.0.1:0",
+        "--admin-listen",
+        "off",
+        "--upstream",
+        upstream,
+        "--pool-size",
+        "2",
+        "--health-interval",
+        "60s",
+    ])
+    .expect("config");
+    let handle = rt
+        .block_on(pgsluice::server::start(cfg))
+        .expect("proxy start");
+    let url = format!("postgres://postgres@{}/postgres", handle.addr());
+    (rt, handle, url)
+}
